@@ -1,0 +1,38 @@
+"""SOLOv2 instance segmentation for Keras 3 (TensorFlow backend).
+
+The package sets ``KERAS_BACKEND=tensorflow`` before Keras is imported, so users
+need not export it. Importing Keras first with another backend is an error.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+
+if keras.config.backend() != "tensorflow":
+    raise ImportError(
+        "keras_solov2 needs the TensorFlow backend, but Keras was already "
+        f"imported with backend {keras.config.backend()!r}. Set "
+        "KERAS_BACKEND=tensorflow (or import keras_solov2 before keras)."
+    )
+
+__version__ = "0.1.0"
+
+__all__ = ["SOLOv2", "CoordConv", "DynamicMaskConv", "MatrixNMS", "__version__"]
+
+_LAZY = {
+    "SOLOv2": "keras_solov2.models.solov2",
+    "CoordConv": "keras_solov2.layers.coord_conv",
+    "DynamicMaskConv": "keras_solov2.layers.dynamic_mask_conv",
+    "MatrixNMS": "keras_solov2.layers.matrix_nms",
+}
+
+
+def __getattr__(name):
+    # Lazy so that `keras_solov2.data` (tf.data only) does not build the model modules.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'keras_solov2' has no attribute {name!r}")

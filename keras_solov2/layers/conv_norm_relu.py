@@ -1,0 +1,72 @@
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_solov2")
+class ConvNormReLU(keras.layers.Layer):
+    """Conv2D (no bias) → GroupNorm → ReLU, mmcv's `ConvModule` with GN.
+
+    Sub-layer names `conv` and `gn` mirror the mmdet state-dict keys
+    (`<name>.conv.weight`, `<name>.gn.weight/bias`).
+
+    Args:
+        filters: int, output channels.
+        kernel_size: int, 3 (padding 1) or 1.
+        norm_groups: int, GroupNorm groups (eps 1e-5 as torch).
+        kernel_initializer: initializer of the conv kernel.
+
+    Call arguments:
+        inputs: `(B, H, W, C_in)`.
+
+    Returns:
+        `(B, H, W, filters)`, non-negative.
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size=3,
+        norm_groups=32,
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.norm_groups = int(norm_groups)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.conv = keras.layers.Conv2D(
+            self.filters,
+            self.kernel_size,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="conv",
+        )
+        self.gn = keras.layers.GroupNormalization(
+            groups=self.norm_groups, epsilon=1e-5, dtype=self.dtype_policy, name="gn"
+        )
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.gn.build(tuple(input_shape[:-1]) + (self.filters,))
+
+    def call(self, inputs):
+        return keras.ops.relu(self.gn(self.conv(inputs)))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.filters,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "norm_groups": self.norm_groups,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config

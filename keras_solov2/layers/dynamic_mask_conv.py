@@ -1,0 +1,36 @@
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_solov2")
+class DynamicMaskConv(keras.layers.Layer):
+    """1×1 dynamic convolution: one predicted kernel per instance → mask logits.
+
+    SOLOv2 (and every mmdetection SOLOv2 config) uses `dynamic_conv_size=1`, so
+    the dynamic convolution of the unified mask features with an instance's
+    kernel is a dot product over the E channels at every pixel, done here as one
+    batched matmul for all instances of all images.
+
+    Call arguments:
+        mask_features: `(B, h, w, E)` unified mask features (stride 4).
+        kernels: `(B, K, E)` per-instance kernels, gathered from the head's
+            `kernels` outputs at the chosen grid cells.
+
+    Returns:
+        `(B, K, h, w)` mask logits (apply a sigmoid for probabilities).
+
+    Example:
+    >>> import numpy as np
+    >>> feats = np.ones((1, 4, 5, 3), "float32")
+    >>> kernels = np.array([[[1.0, 2.0, 3.0]]], "float32")
+    >>> logits = DynamicMaskConv()(feats, kernels)
+    >>> tuple(logits.shape), float(logits[0, 0, 0, 0])
+    ((1, 1, 4, 5), 6.0)
+    """
+
+    def call(self, mask_features, kernels):
+        return ops.einsum("bhwe,bke->bkhw", mask_features, kernels)
+
+    def compute_output_shape(self, mask_features_shape, kernels_shape):
+        b, h, w, _ = mask_features_shape
+        return (b, kernels_shape[1], h, w)

@@ -1,0 +1,75 @@
+"""Backbones: keras-hub `ResNetBackbone` in torchvision ("pytorch") style.
+
+keras-hub's ResNet puts the stride on the 3×3 conv, pads like torch and uses
+BatchNorm eps 1e-5: given mmdetection's weights it reproduces mmdet's ResNet
+(see the converter tests), so it is used as is rather than re-implemented.
+"""
+
+import keras
+import keras_hub
+
+RESNET_ARCHS = {
+    "resnet18": ("basic_block", [2, 2, 2, 2]),
+    "resnet34": ("basic_block", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck_block", [3, 4, 6, 3]),
+    "resnet101": ("bottleneck_block", [3, 4, 23, 3]),
+}
+
+
+def build_resnet_backbone(name="resnet50", stackwise_num_blocks=None, dtype=None):
+    """A randomly initialised keras-hub `ResNetBackbone` (ResNet v1, pytorch style).
+
+    Args:
+        name: one of `"resnet18"`, `"resnet34"`, `"resnet50"`, `"resnet101"`.
+        stackwise_num_blocks: optional override of the blocks per stage
+            (tests use `[1, 1, 1, 1]`).
+        dtype: optional dtype policy.
+
+    Returns:
+        A `keras_hub.models.ResNetBackbone` with `pyramid_outputs` P2–P5.
+    """
+    if name not in RESNET_ARCHS:
+        raise ValueError(
+            f"Unknown backbone {name!r}; expected one of {sorted(RESNET_ARCHS)} "
+            "or a keras-hub Backbone instance with `pyramid_outputs` P2-P5."
+        )
+    block_type, blocks = RESNET_ARCHS[name]
+    return keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 128, 256, 512],
+        stackwise_num_blocks=list(stackwise_num_blocks or blocks),
+        stackwise_num_strides=[1, 2, 2, 2],
+        block_type=block_type,
+        use_pre_activation=False,
+        image_shape=(None, None, 3),
+        dtype=dtype,
+    )
+
+
+def pyramid_extractor(backbone):
+    """A functional model sharing `backbone`'s layers that returns `[C2, C3, C4, C5]`."""
+    outputs = getattr(backbone, "pyramid_outputs", None)
+    missing = [k for k in ("P2", "P3", "P4", "P5") if not outputs or k not in outputs]
+    if missing:
+        raise ValueError(
+            f"The backbone {backbone.name!r} has no pyramid_outputs {missing}; "
+            "SOLOv2 needs features at strides 4, 8, 16 and 32 (P2-P5)."
+        )
+    return keras.Model(
+        backbone.inputs,
+        [outputs[k] for k in ("P2", "P3", "P4", "P5")],
+        name="pyramid_extractor",
+    )
+
+
+def frozen_stage_layers(backbone, frozen_stages):
+    """Layers of the stem and the first `frozen_stages` stages (mmdet `frozen_stages`)."""
+    if frozen_stages < 0:
+        return []
+    prefixes = ["conv1_", "pool1_"] + [f"stack{i}_" for i in range(frozen_stages)]
+    return [
+        layer
+        for layer in backbone.layers
+        if any(layer.name.startswith(p) for p in prefixes)
+    ]

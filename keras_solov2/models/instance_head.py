@@ -1,0 +1,136 @@
+import math
+
+import keras
+from keras import ops
+
+from keras_solov2.layers.conv_norm_relu import ConvNormReLU
+from keras_solov2.layers.coord_conv import CoordConv
+
+
+@keras.saving.register_keras_serializable(package="keras_solov2")
+class SOLOv2InstanceHead(keras.layers.Layer):
+    """SOLOv2 kernel and category branches, shared across the 5 levels.
+
+    Per level (mmdetection `SOLOV2Head.forward`): P2 is downsampled ×0.5 and
+    P6 upsampled to P5's size (`resize_feats`); `[x, y]` coordinates are
+    appended (`CoordConv`); the result is resized bilinearly
+    (align_corners=False) to S×S; the kernel branch takes all channels, the
+    category branch the feature channels only. Each branch is
+    `stacked_convs` × (3×3 conv → GroupNorm → ReLU), then a 3×3 conv with
+    bias to `kernel_out_channels` (E) kernel weights or `num_classes` logits.
+
+    Args:
+        num_classes: int, C.
+        num_grids: list of S per level, e.g. `[40, 36, 24, 16, 12]`.
+        feat_channels: int, tower width (512 standard, 256 light).
+        stacked_convs: int, tower depth (4 standard, 2 light).
+        kernel_out_channels: int, E (= mask feature channels).
+        norm_groups: int, GroupNorm groups.
+        prior_prob: float, initial foreground probability of the class
+            logits (bias `-log((1 - p) / p)`).
+
+    Call arguments:
+        inputs: list `[P2, ..., P6]` of `(B, H/s, W/s, C_fpn)`.
+
+    Returns:
+        `(cls_logits, kernels)`: lists over levels of `(B, S, S, C)` logits
+        and `(B, S, S, E)` kernels; grid index = `row * S + col`.
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        num_grids=(40, 36, 24, 16, 12),
+        feat_channels=512,
+        stacked_convs=4,
+        kernel_out_channels=256,
+        norm_groups=32,
+        prior_prob=0.01,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.num_grids = [int(s) for s in num_grids]
+        self.feat_channels = int(feat_channels)
+        self.stacked_convs = int(stacked_convs)
+        self.kernel_out_channels = int(kernel_out_channels)
+        self.norm_groups = int(norm_groups)
+        self.prior_prob = float(prior_prob)
+        init = keras.initializers.RandomNormal(stddev=0.01)
+        self.coord = CoordConv(dtype=self.dtype_policy, name="coord")
+        self.kernel_convs = [
+            ConvNormReLU(
+                self.feat_channels, 3, self.norm_groups, init,
+                dtype=self.dtype_policy, name=f"kernel_convs_{i}",
+            )
+            for i in range(self.stacked_convs)
+        ]
+        self.cls_convs = [
+            ConvNormReLU(
+                self.feat_channels, 3, self.norm_groups, init,
+                dtype=self.dtype_policy, name=f"cls_convs_{i}",
+            )
+            for i in range(self.stacked_convs)
+        ]
+        self.conv_kernel = keras.layers.Conv2D(
+            self.kernel_out_channels, 3, padding="same", kernel_initializer=init,
+            dtype=self.dtype_policy, name="conv_kernel",
+        )
+        bias = -math.log((1 - self.prior_prob) / self.prior_prob)
+        self.conv_cls = keras.layers.Conv2D(
+            self.num_classes, 3, padding="same", kernel_initializer=init,
+            bias_initializer=keras.initializers.Constant(bias),
+            dtype=self.dtype_policy, name="conv_cls",
+        )
+
+    def build(self, input_shape):
+        in_channels = input_shape[0][-1]
+        shape = (None, None, None, in_channels + 2)
+        for conv in self.kernel_convs:
+            conv.build(shape)
+            shape = (None, None, None, self.feat_channels)
+        shape = (None, None, None, in_channels)
+        for conv in self.cls_convs:
+            conv.build(shape)
+            shape = (None, None, None, self.feat_channels)
+        self.conv_kernel.build(shape)
+        self.conv_cls.build(shape)
+
+    def resize_feats(self, inputs):
+        p2, p3, p4, p5, p6 = inputs
+        # Bilinear x0.5 (align_corners=False) of an even-sized map is exactly
+        # the 2x2 average.
+        p2 = ops.average_pool(p2, 2, strides=2, padding="valid")
+        p5_hw = ops.shape(p5)[1:3]
+        p6 = ops.image.resize(p6, (p5_hw[0], p5_hw[1]), interpolation="bilinear")
+        return [p2, p3, p4, p5, p6]
+
+    def call(self, inputs):
+        cls_logits, kernels = [], []
+        for feat, num_grid in zip(self.resize_feats(inputs), self.num_grids):
+            feat = self.coord(feat)
+            feat = ops.image.resize(feat, (num_grid, num_grid), interpolation="bilinear")
+            kernel_feat = feat
+            cls_feat = feat[..., :-2]
+            for conv in self.kernel_convs:
+                kernel_feat = conv(kernel_feat)
+            for conv in self.cls_convs:
+                cls_feat = conv(cls_feat)
+            kernels.append(self.conv_kernel(kernel_feat))
+            cls_logits.append(self.conv_cls(cls_feat))
+        return cls_logits, kernels
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_classes": self.num_classes,
+                "num_grids": self.num_grids,
+                "feat_channels": self.feat_channels,
+                "stacked_convs": self.stacked_convs,
+                "kernel_out_channels": self.kernel_out_channels,
+                "norm_groups": self.norm_groups,
+                "prior_prob": self.prior_prob,
+            }
+        )
+        return config

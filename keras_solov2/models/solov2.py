@@ -1,0 +1,509 @@
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_solov2 import losses, postprocess, targets
+from keras_solov2.layers.dynamic_mask_conv import DynamicMaskConv
+from keras_solov2.layers.matrix_nms import MatrixNMS
+from keras_solov2.models.architectures import ARCHITECTURES, STANDARD_HEAD
+from keras_solov2.models.backbone import (
+    build_resnet_backbone,
+    frozen_stage_layers,
+    pyramid_extractor,
+)
+from keras_solov2.models.feature_pyramid import SOLOv2FeaturePyramid
+from keras_solov2.models.instance_head import SOLOv2InstanceHead
+from keras_solov2.models.mask_feature_head import SOLOv2MaskFeatureHead
+
+# mmdet's data preprocessor (RGB order), applied inside the model so exported
+# graphs take raw pixels.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+SIZE_DIVISOR = 32
+
+
+@keras.saving.register_keras_serializable(package="keras_solov2")
+class SOLOv2(keras.Model):
+    """SOLOv2 instance segmentation (Wang et al., NeurIPS 2020), as mmdetection 3.3.
+
+    Backbone (keras-hub ResNet) → FPN (P2–P6) → instance head (per-level S×S
+    category logits and dynamic kernels) + unified mask features (stride 4).
+    Training matches mmdet's `SOLOV2Head.loss_by_feat`; inference matches
+    `predict_by_feat` (points-NMS, maskness, Matrix NMS).
+
+    Args:
+        backbone: `"resnet18" | "resnet34" | "resnet50" | "resnet101"` (a
+            randomly initialised keras-hub `ResNetBackbone`) or any keras-hub
+            backbone instance with `pyramid_outputs` P2–P5.
+        num_classes: int, number of foreground classes.
+        num_grids: S per level.
+        scale_ranges: inclusive `(lo, hi)` instance scales per level, pixels.
+        strides: per-level stride, for the `area > stride` mask filter.
+        pos_scale: fraction of the box side around the centre that is positive.
+        fpn_channels: FPN width (mmdet `in_channels` of the head).
+        feat_channels, stacked_convs: instance-head tower width and depth.
+        mask_feat_channels, mask_out_channels: mask-feature branch hidden
+            width and E (the dynamic kernel length).
+        norm_groups: GroupNorm groups in the head and mask branch.
+        frozen_stages: backbone stages frozen (stem + this many stages; -1:
+            none), mmdet's `frozen_stages=1`.
+        norm_eval: keep backbone BatchNorm statistics frozen while training
+            (γ/β still train), mmdet's `norm_eval=True`.
+        score_thr, mask_thr, filter_thr, nms_pre, max_per_img, kernel, sigma:
+            mmdet's test_cfg.
+        max_candidates: static cap on (cell, class) candidates above
+            `score_thr` that get masks at inference.
+        max_pos_pairs: static cap on positive (instance, cell) pairs per
+            image whose masks enter the dice loss in a step. Past it, a
+            random subset of that size is used and its mean is scaled to the
+            full count (an unbiased estimate of mmdet's sum); the category
+            loss always uses every cell.
+        focal_alpha, focal_gamma, loss_cls_weight, loss_mask_weight: loss
+            settings (mmdet: 0.25, 2.0, 1.0, 3.0).
+        class_names: optional list of `num_classes` names.
+
+    Inputs are RGB pixel values in [0, 255], float `(B, H, W, 3)` with H, W
+    multiples of 32; normalisation (mmdet mean/std) happens inside.
+    `model(images)` returns `{"cls_logits": [L × (B, S, S, C)] logits,
+    "kernels": [L × (B, S, S, E)], "mask_features": (B, H/4, W/4, E)}`.
+
+    Example:
+    >>> import numpy as np
+    >>> model = SOLOv2.from_architecture("solov2_light_r18", num_classes=3)
+    >>> out = model.predict(np.zeros((1, 64, 96, 3), "float32"), verbose=0)
+    >>> out["masks"].shape, out["scores"].shape
+    ((1, 100, 64, 96), (1, 100))
+    """
+
+    def __init__(
+        self,
+        backbone="resnet50",
+        num_classes=80,
+        num_grids=STANDARD_HEAD["num_grids"],
+        scale_ranges=STANDARD_HEAD["scale_ranges"],
+        strides=STANDARD_HEAD["strides"],
+        pos_scale=0.2,
+        fpn_channels=256,
+        feat_channels=512,
+        stacked_convs=4,
+        mask_feat_channels=128,
+        mask_out_channels=256,
+        norm_groups=32,
+        frozen_stages=1,
+        norm_eval=True,
+        score_thr=0.1,
+        mask_thr=0.5,
+        filter_thr=0.05,
+        nms_pre=500,
+        max_per_img=100,
+        kernel="gaussian",
+        sigma=2.0,
+        max_candidates=1000,
+        max_pos_pairs=256,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        loss_cls_weight=1.0,
+        loss_mask_weight=3.0,
+        class_names=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(backbone, str):
+            backbone = build_resnet_backbone(backbone)
+        if len(num_grids) != 5 or len(scale_ranges) != 5 or len(strides) != 5:
+            raise ValueError(
+                "SOLOv2 has 5 levels: num_grids, scale_ranges and strides need "
+                f"5 entries each, got {num_grids}, {scale_ranges}, {strides}."
+            )
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} names for num_classes={num_classes}."
+            )
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        # Lists, so that a JSON round trip of the config compares equal.
+        self.num_grids = [int(s) for s in num_grids]
+        self.scale_ranges = [[float(lo), float(hi)] for lo, hi in scale_ranges]
+        self.strides = [int(s) for s in strides]
+        self.pos_scale = float(pos_scale)
+        self.fpn_channels = int(fpn_channels)
+        self.feat_channels = int(feat_channels)
+        self.stacked_convs = int(stacked_convs)
+        self.mask_feat_channels = int(mask_feat_channels)
+        self.mask_out_channels = int(mask_out_channels)
+        self.norm_groups = int(norm_groups)
+        self.frozen_stages = int(frozen_stages)
+        self.norm_eval = bool(norm_eval)
+        self.score_thr = float(score_thr)
+        self.mask_thr = float(mask_thr)
+        self.filter_thr = float(filter_thr)
+        self.nms_pre = int(nms_pre)
+        self.max_per_img = int(max_per_img)
+        self.kernel = kernel
+        self.sigma = float(sigma)
+        self.max_candidates = int(max_candidates)
+        self.max_pos_pairs = int(max_pos_pairs)
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.loss_cls_weight = float(loss_cls_weight)
+        self.loss_mask_weight = float(loss_mask_weight)
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+
+        self.feature_extractor = pyramid_extractor(backbone)
+        for layer in frozen_stage_layers(backbone, self.frozen_stages):
+            layer.trainable = False
+        self.neck = SOLOv2FeaturePyramid(self.fpn_channels, dtype=self.dtype_policy, name="neck")
+        self.instance_head = SOLOv2InstanceHead(
+            num_classes=self.num_classes,
+            num_grids=self.num_grids,
+            feat_channels=self.feat_channels,
+            stacked_convs=self.stacked_convs,
+            kernel_out_channels=self.mask_out_channels,
+            norm_groups=self.norm_groups,
+            dtype=self.dtype_policy,
+            name="instance_head",
+        )
+        self.mask_feature_head = SOLOv2MaskFeatureHead(
+            feat_channels=self.mask_feat_channels,
+            out_channels=self.mask_out_channels,
+            norm_groups=self.norm_groups,
+            dtype=self.dtype_policy,
+            name="mask_feature_head",
+        )
+        self.dynamic_conv = DynamicMaskConv(name="dynamic_conv")
+        self.matrix_nms = MatrixNMS(
+            kernel=kernel,
+            sigma=sigma,
+            filter_thr=filter_thr,
+            nms_pre=nms_pre,
+            max_per_img=max_per_img,
+            name="matrix_nms",
+        )
+        self.seed_generator = keras.random.SeedGenerator(0)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.loss_cls_tracker = keras.metrics.Mean(name="loss_cls")
+        self.loss_mask_tracker = keras.metrics.Mean(name="loss_mask")
+        self.weight_decay = 0.0
+        self.grad_clip_norm = None
+        self.build()
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape=None):
+        if self.neck.built:
+            self.built = True
+            return
+        channels = [t.shape[-1] for t in self.feature_extractor.outputs]
+        self.neck.build([(None, None, None, c) for c in channels])
+        fpn = [(None, None, None, self.fpn_channels)] * 5
+        self.instance_head.build(fpn)
+        self.mask_feature_head.build(fpn[:4])
+        self.built = True
+
+    @classmethod
+    def from_architecture(cls, name, **kwargs):
+        """A randomly initialised model of a named mmdet architecture.
+
+        Args:
+            name: one of `keras_solov2.models.ARCHITECTURES`: `"solov2_r50"`,
+                `"solov2_r101"`, `"solov2_light_r18"`, `"solov2_light_r34"`,
+                `"solov2_light_r50"`.
+            **kwargs: overrides of any constructor argument.
+        """
+        if name not in ARCHITECTURES:
+            raise ValueError(
+                f"Unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}."
+            )
+        return cls(**dict(ARCHITECTURES[name], **kwargs))
+
+    # ---------------------------------------------------------------- forward
+    def call(self, images, training=False):
+        x = (ops.cast(images, self.compute_dtype) - ops.array(PIXEL_MEAN, self.compute_dtype)) / ops.array(
+            PIXEL_STD, self.compute_dtype
+        )
+        feats = self.feature_extractor(x, training=bool(training) and not self.norm_eval)
+        pyramid = self.neck(feats)
+        mask_features = self.mask_feature_head(pyramid[:4])
+        cls_logits, kernels = self.instance_head(pyramid)
+        return {"cls_logits": cls_logits, "kernels": kernels, "mask_features": mask_features}
+
+    # ---------------------------------------------------------------- targets
+    def assign_targets(self, gt_masks, gt_labels, image_shape=None):
+        """Grid targets of one image, as mmdet's `_get_targets_single`.
+
+        Args:
+            gt_masks: `(n, H, W)` 0/1 masks at the padded image size.
+            gt_labels: `(n,)` int labels (`-1` = ignore).
+            image_shape: `(H, W)` padded image size; masks smaller than it
+                are zero-padded at the bottom/right.
+
+        Returns:
+            List over levels of dicts `labels` `(S, S)` int32 (background =
+            `num_classes`) and `positive` `(S*S,)` bool.
+        """
+        gt_masks = ops.convert_to_tensor(gt_masks)
+        if image_shape is not None:
+            dh = int(image_shape[0]) - gt_masks.shape[-2]
+            dw = int(image_shape[1]) - gt_masks.shape[-1]
+            if dh < 0 or dw < 0:
+                raise ValueError(
+                    f"gt_masks {tuple(gt_masks.shape[-2:])} are larger than image_shape {tuple(image_shape)}."
+                )
+            gt_masks = ops.pad(gt_masks, [[0, 0], [0, dh], [0, dw]])
+        t = self._targets(gt_masks[None], ops.convert_to_tensor(gt_labels)[None])
+        return [
+            {"labels": labels[0], "positive": positive[0]}
+            for labels, positive in zip(t["labels"], t["positive"])
+        ]
+
+    def _targets(self, gt_masks, gt_labels):
+        return targets.assign_targets(
+            gt_masks,
+            gt_labels,
+            num_classes=self.num_classes,
+            num_grids=self.num_grids,
+            scale_ranges=self.scale_ranges,
+            pos_scale=self.pos_scale,
+        )
+
+    # ------------------------------------------------------------------- loss
+    def compute_solov2_loss(self, outputs, gt_masks, gt_labels):
+        """mmdet's `SOLOV2Head.loss_by_feat` on a padded batch.
+
+        Args:
+            outputs: `model(images)` outputs.
+            gt_masks: `(B, M, H, W)` uint8 {0,1} at the padded image size.
+            gt_labels: `(B, M)` int, `-1` for padding / ignored instances.
+
+        Returns:
+            Dict of float32 scalars `loss` (= `loss_cls + loss_mask`),
+            `loss_cls` (focal, summed / (num_pos + 1)) and `loss_mask` (dice
+            × `loss_mask_weight`, summed over positive pairs / num_pos).
+        """
+        t = self._targets(gt_masks, gt_labels)
+        num_pos = ops.cast(t["num_pos"], "float32")
+
+        # Categories: every cell of every level.
+        logits = ops.concatenate(
+            [ops.reshape(ops.cast(c, "float32"), (ops.shape(c)[0], -1, self.num_classes)) for c in outputs["cls_logits"]],
+            axis=1,
+        )
+        labels = ops.concatenate(
+            [ops.reshape(lab, (ops.shape(lab)[0], -1)) for lab in t["labels"]], axis=1
+        )
+        onehot = ops.one_hot(labels, self.num_classes + 1)[..., : self.num_classes]
+        focal = losses.sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
+        eps = float(np.finfo(np.float32).eps)
+        loss_cls = self.loss_cls_weight * ops.sum(focal) / (num_pos + 1.0 + eps)
+
+        # Masks: positive (instance, cell) pairs, capped per image.
+        batch = ops.shape(gt_labels)[0]
+        num_slots = gt_labels.shape[1]
+        pair_cells = ops.reshape(t["pair_cells"], (batch, -1))
+        pair_valid = ops.reshape(t["pair_valid"], (batch, -1))
+        pairs_per_slot = pair_cells.shape[1] // num_slots
+        k = min(self.max_pos_pairs, pair_cells.shape[1])
+        noise = keras.random.uniform(ops.shape(pair_valid), seed=self.seed_generator)
+        priority = ops.where(pair_valid, 1.0 + noise, 0.0)
+        _, chosen = ops.top_k(priority, k=k, sorted=False)
+        chosen_valid = ops.take_along_axis(pair_valid, chosen, axis=1)
+        chosen_cells = ops.take_along_axis(pair_cells, chosen, axis=1)
+        chosen_slots = chosen // pairs_per_slot
+
+        kernels = ops.concatenate(
+            [ops.reshape(ops.cast(kk, "float32"), (ops.shape(kk)[0], -1, self.mask_out_channels)) for kk in outputs["kernels"]],
+            axis=1,
+        )
+        pair_kernels = ops.take_along_axis(kernels, chosen_cells[..., None], axis=1)
+        mask_logits = self.dynamic_conv(ops.cast(outputs["mask_features"], "float32"), pair_kernels)
+        mask_targets = targets.rescale_masks(gt_masks)  # (B, M, h, w)
+        pair_targets = ops.take_along_axis(mask_targets, chosen_slots[:, :, None, None], axis=1)
+        dice = losses.dice_loss(mask_logits, pair_targets) * self.loss_mask_weight
+        dice_sum = ops.sum(ops.where(chosen_valid, dice, 0.0))
+        total_pairs = ops.sum(ops.cast(pair_valid, "float32"))
+        used_pairs = ops.sum(ops.cast(chosen_valid, "float32"))
+        dice_sum = dice_sum * total_pairs / ops.maximum(used_pairs, 1.0)
+        loss_mask = ops.where(num_pos > 0, dice_sum / ops.maximum(num_pos, 1.0), 0.0)
+        return {"loss": loss_cls + loss_mask, "loss_cls": loss_cls, "loss_mask": loss_mask}
+
+    # -------------------------------------------------------------- inference
+    def decode(self, outputs):
+        """Head outputs → `max_per_img` instances per image at stride 4.
+
+        Returns:
+            Dict `soft_masks` `(B, P, H/4, W/4)` probabilities, `scores`
+            `(B, P)`, `labels` `(B, P)` int32 (-1 = none), `num_detections`
+            `(B,)`; see `keras_solov2.postprocess.decode_predictions`.
+        """
+        return postprocess.decode_predictions(
+            outputs["cls_logits"],
+            outputs["kernels"],
+            outputs["mask_features"],
+            matrix_nms=self.matrix_nms,
+            dynamic_conv=self.dynamic_conv,
+            strides=self.strides,
+            score_thr=self.score_thr,
+            mask_thr=self.mask_thr,
+            max_candidates=self.max_candidates,
+        )
+
+    def postprocess(self, outputs, image_shapes, original_shapes):
+        """Head outputs → per-image instances at each image's original size.
+
+        Args:
+            outputs: `model(images)` outputs for a batch.
+            image_shapes: `(B, 2)` valid `(h, w)` of each resized image before
+                padding, pixels.
+            original_shapes: `(B, 2)` `(H0, W0)` of each original image.
+
+        Returns:
+            List of B dicts with numpy arrays: `masks` `(n, H0, W0)` uint8,
+            `scores` `(n,)` float32, `labels` `(n,)` int32, sorted by score.
+        """
+        decoded = self.decode(outputs)
+        return self._paste(decoded, image_shapes, original_shapes)
+
+    def _paste(self, decoded, image_shapes, original_shapes):
+        results = []
+        image_shapes = np.asarray(image_shapes)
+        original_shapes = np.asarray(original_shapes)
+        for i in range(len(image_shapes)):
+            n = int(decoded["num_detections"][i])
+            masks = postprocess.paste_masks(
+                decoded["soft_masks"][i, :n],
+                image_shapes[i],
+                original_shapes[i],
+                mask_thr=self.mask_thr,
+            )
+            results.append(
+                {
+                    "masks": np.asarray(masks),
+                    "scores": np.asarray(decoded["scores"][i, :n]),
+                    "labels": np.asarray(decoded["labels"][i, :n]),
+                }
+            )
+        return results
+
+    # ---------------------------------------------------------------- training
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.loss_cls_tracker, self.loss_mask_tracker]
+
+    def compile(self, optimizer=None, weight_decay=1e-4, grad_clip_norm=35.0, **kwargs):
+        """Compiles with mmdet's SOLOv2 training defaults.
+
+        Args:
+            optimizer: a Keras optimizer; default SGD(lr 0.01, momentum 0.9).
+            weight_decay: L2 coefficient added to the gradients of conv and
+                dense kernels (not norm γ/β nor biases) after clipping, as
+                torch's SGD does.
+            grad_clip_norm: clip the gradients' global norm (mmdet 35);
+                `None` disables.
+        """
+        if optimizer is None:
+            optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
+        self.weight_decay = float(weight_decay or 0.0)
+        self.grad_clip_norm = None if grad_clip_norm is None else float(grad_clip_norm)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    @staticmethod
+    def _unpack(data):
+        x, y = data[0], data[1] if isinstance(data, (tuple, list)) and len(data) > 1 else None
+        images = x["images"] if isinstance(x, dict) else x
+        return images, y
+
+    def _decays(self, variable):
+        name = variable.path
+        return not any(part in name for part in ("gamma", "beta", "bias", "moving_"))
+
+    def train_step(self, data):
+        images, y = self._unpack(data)
+        with tf.GradientTape() as tape:
+            outputs = self(images, training=True)
+            loss_dict = self.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"])
+            # model.fit averages gradients over replicas by summing.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            loss = loss_dict["loss"] / replicas
+            scaled = self.optimizer.scale_loss(loss)
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        scale = getattr(self.optimizer, "dynamic_scale", None)
+        if scale is not None:
+            grads = [g / ops.cast(scale, g.dtype) for g in grads]
+        if self.grad_clip_norm is not None:
+            grads, _ = tf.clip_by_global_norm(grads, self.grad_clip_norm)
+        if self.weight_decay:
+            grads = [
+                g + self.weight_decay * ops.cast(v, g.dtype) if self._decays(v) else g
+                for g, v in zip(grads, variables)
+            ]
+        if scale is not None:
+            grads = [g * ops.cast(scale, g.dtype) for g in grads]
+        self.optimizer.apply(grads, variables)
+        return self._track(loss_dict)
+
+    def test_step(self, data):
+        images, y = self._unpack(data)
+        outputs = self(images, training=False)
+        return self._track(self.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"]))
+
+    def _track(self, loss_dict):
+        self.loss_tracker.update_state(loss_dict["loss"])
+        self.loss_cls_tracker.update_state(loss_dict["loss_cls"])
+        self.loss_mask_tracker.update_state(loss_dict["loss_mask"])
+        return {m.name: m.result() for m in self.metrics}
+
+    def predict_step(self, data):
+        """Raw images `(B, H, W, 3)` → instances at the input size.
+
+        Images whose sides are not multiples of 32 are padded (bottom/right,
+        with the mean pixel) and the masks cropped back.
+
+        Returns:
+            Dict `masks` `(B, P, H, W)` uint8, `scores` `(B, P)`, `labels`
+            `(B, P)` int32 (-1 = none), `num_detections` `(B,)`, with
+            P = `max_per_img`, sorted by score.
+        """
+        images, _ = self._unpack(data) if isinstance(data, (tuple, list)) else self._unpack((data,))
+        h, w = images.shape[1], images.shape[2]
+        ph = -(-h // SIZE_DIVISOR) * SIZE_DIVISOR
+        pw = -(-w // SIZE_DIVISOR) * SIZE_DIVISOR
+        images = ops.cast(images, "float32")
+        if (ph, pw) != (h, w):
+            mean = ops.array(PIXEL_MEAN, "float32")
+            images = ops.pad(images - mean, [[0, 0], [0, ph - h], [0, pw - w], [0, 0]]) + mean
+        decoded = self.decode(self(images, training=False))
+        soft = ops.transpose(decoded["soft_masks"], (0, 2, 3, 1))
+        soft = ops.image.resize(soft, (ph, pw), interpolation="bilinear")[:, :h, :w, :]
+        masks = ops.cast(ops.transpose(soft, (0, 3, 1, 2)) > self.mask_thr, "uint8")
+        return {
+            "masks": masks,
+            "scores": decoded["scores"],
+            "labels": decoded["labels"],
+            "num_detections": decoded["num_detections"],
+        }
+
+    # ----------------------------------------------------------- serialising
+    def get_config(self):
+        config = {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.layers.serialize(self.backbone),
+        }
+        for key in (
+            "num_classes", "num_grids", "scale_ranges", "strides", "pos_scale",
+            "fpn_channels", "feat_channels", "stacked_convs", "mask_feat_channels",
+            "mask_out_channels", "norm_groups", "frozen_stages", "norm_eval",
+            "score_thr", "mask_thr", "filter_thr", "nms_pre", "max_per_img",
+            "kernel", "sigma", "max_candidates", "max_pos_pairs", "focal_alpha",
+            "focal_gamma", "loss_cls_weight", "loss_mask_weight", "class_names",
+        ):
+            config[key] = getattr(self, key)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("backbone"), dict):
+            config["backbone"] = keras.layers.deserialize(config["backbone"])
+        return cls(**config)
