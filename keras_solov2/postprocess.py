@@ -118,6 +118,8 @@ def paste_masks(soft_masks, image_shape, original_shape, mask_thr=0.5, mask_stri
         `(P, H0, W0)` uint8 masks.
     """
     num, h, w = soft_masks.shape
+    if num == 0:
+        return np.zeros((0, int(original_shape[0]), int(original_shape[1])), np.uint8)
     x = ops.transpose(ops.convert_to_tensor(soft_masks, "float32"), (1, 2, 0))[None]
     x = ops.image.resize(x, (h * mask_stride, w * mask_stride), interpolation="bilinear")
     x = x[:, : int(image_shape[0]), : int(image_shape[1]), :]

@@ -299,10 +299,10 @@ class SOLOv2(keras.Model):
         # Masks: positive (instance, cell) pairs, capped per image.
         batch = ops.shape(gt_labels)[0]
         num_slots = gt_labels.shape[1]
-        pair_cells = ops.reshape(t["pair_cells"], (batch, -1))
-        pair_valid = ops.reshape(t["pair_valid"], (batch, -1))
-        pairs_per_slot = pair_cells.shape[1] // num_slots
-        k = min(self.max_pos_pairs, pair_cells.shape[1])
+        pairs_per_slot = len(self.num_grids) * 9
+        pair_cells = ops.reshape(t["pair_cells"], (batch, num_slots * pairs_per_slot))
+        pair_valid = ops.reshape(t["pair_valid"], (batch, num_slots * pairs_per_slot))
+        k = min(self.max_pos_pairs, num_slots * pairs_per_slot)
         noise = keras.random.uniform(ops.shape(pair_valid), seed=self.seed_generator)
         priority = ops.where(pair_valid, 1.0 + noise, 0.0)
         _, chosen = ops.top_k(priority, k=k, sorted=False)

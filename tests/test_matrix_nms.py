@@ -1,0 +1,105 @@
+import json
+
+import numpy as np
+import pytest
+
+import keras_solov2  # noqa: F401
+from keras_solov2.layers import MatrixNMS
+from tests import mmdet_reference as ref
+
+SETTINGS = {
+    "solov2": dict(filter_thr=0.05, nms_pre=500, max_per_img=100),
+    "raw": dict(filter_thr=-1, nms_pre=-1, max_per_img=-1),
+}
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+@pytest.mark.parametrize("setting", ["solov2", "raw"])
+def test_matches_mmdet_fixtures(fixtures_dir, case, kernel, setting):
+    z = np.load(fixtures_dir / f"matrix_nms_case{case}.npz")
+    params = json.loads(str(z["params_json"]))
+    assert params  # the recorded call exists
+    out = MatrixNMS(kernel=kernel, **SETTINGS[setting])(z["masks"], z["labels"], z["scores"])
+    n = int(out["num_detections"])
+    ref_ids = z[f"{kernel}_{setting}_keep_inds"]
+    assert n == len(ref_ids)
+    np.testing.assert_array_equal(np.asarray(out["indices"])[:n], ref_ids)
+    np.testing.assert_array_equal(np.asarray(out["labels"])[:n], z[f"{kernel}_{setting}_labels"])
+    np.testing.assert_allclose(
+        np.asarray(out["scores"])[:n], z[f"{kernel}_{setting}_scores"], rtol=0, atol=1e-6
+    )
+    # Padding past the detections.
+    assert np.all(np.asarray(out["indices"])[n:] == -1)
+    assert np.all(np.asarray(out["scores"])[n:] == 0)
+    if setting == "raw":
+        np.testing.assert_allclose(
+            np.asarray(out["decayed_scores"]),
+            z[f"{kernel}_raw_decayed_scores_by_input"],
+            rtol=0,
+            atol=1e-6,
+        )
+
+
+def test_hand_computed_case():
+    # Mask 1 equals mask 0 (IoU 1, same label); mask 2 overlaps mask 0 by
+    # 4 of 12 pixels but has another label; mask 3 overlaps mask 0 with IoU 1/3.
+    masks = np.zeros((4, 4, 4), bool)
+    masks[0, :2] = True  # 8 px
+    masks[1, :2] = True
+    masks[2, 1:3] = True  # 8 px, inter with 0: 4 -> IoU 4/12
+    masks[3, 1:3] = True
+    labels = np.array([0, 0, 1, 0])
+    scores = np.array([0.9, 0.8, 0.7, 0.6], "float32")
+    out = MatrixNMS(filter_thr=-1, nms_pre=-1, max_per_img=-1)(masks, labels, scores)
+    d = np.asarray(out["decayed_scores"])
+    # 1: decayed by 0 (IoU 1, 0 has no compensation): 0.8 e^{-2}.
+    # 2: other label -> untouched.
+    # 3: vs 0: IoU 1/3 (comp 0) -> e^{-2/9}; vs 1: IoU 1/3 but 1's comp is 1:
+    #    e^{-2/9} / e^{-2} > 1, so the min is e^{-2/9}.
+    np.testing.assert_allclose(d, [0.9, 0.8 * np.exp(-2), 0.7, 0.6 * np.exp(-2 / 9)], rtol=1e-6)
+    out_lin = MatrixNMS(kernel="linear", filter_thr=-1, nms_pre=-1, max_per_img=-1)(
+        masks, labels, scores
+    )
+    np.testing.assert_allclose(
+        np.asarray(out_lin["decayed_scores"]), [0.9, 0.0, 0.7, 0.6 * (2 / 3)], rtol=1e-6, atol=1e-7
+    )
+
+
+def test_valid_flags_and_mask_area_and_batch():
+    rng = np.random.default_rng(0)
+    masks = rng.random((2, 12, 16, 20)) > 0.5
+    labels = rng.integers(0, 3, (2, 12))
+    scores = rng.uniform(0.1, 1, (2, 12)).astype("float32")
+    valid = np.ones((2, 12), bool)
+    valid[:, 8:] = False
+    layer = MatrixNMS(filter_thr=0.05, nms_pre=6, max_per_img=5)
+    out = layer(masks, labels, scores, valid=valid)
+    for b in range(2):
+        s, lab, idx = ref.matrix_nms(
+            masks[b, :8], labels[b, :8], scores[b, :8], filter_thr=0.05, nms_pre=6, max_num=5
+        )
+        n = int(out["num_detections"][b])
+        assert n == len(idx)
+        np.testing.assert_array_equal(np.asarray(out["indices"][b])[:n], idx)
+        np.testing.assert_allclose(np.asarray(out["scores"][b])[:n], s, atol=1e-6)
+    # mask_area is used instead of the masks' own sums when given.
+    area = masks.reshape(2, 12, -1).sum(-1).astype("float32")
+    out2 = layer(masks, labels, scores, mask_area=area, valid=valid)
+    np.testing.assert_allclose(np.asarray(out2["scores"]), np.asarray(out["scores"]))
+
+
+def test_empty_and_all_invalid():
+    layer = MatrixNMS(max_per_img=4)
+    out = layer(np.zeros((3, 5, 5), bool), np.zeros(3, "int32"), np.zeros(3, "float32"),
+                valid=np.zeros(3, bool))
+    assert int(out["num_detections"]) == 0
+    assert np.all(np.asarray(out["indices"]) == -1)
+
+
+def test_config_round_trip():
+    layer = MatrixNMS(kernel="linear", sigma=3.0, filter_thr=0.1, nms_pre=50, max_per_img=7)
+    clone = MatrixNMS.from_config(json.loads(json.dumps(layer.get_config())))
+    assert clone.get_config() == layer.get_config()
+    with pytest.raises(ValueError, match="kernel"):
+        MatrixNMS(kernel="box")

@@ -1,0 +1,124 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_solov2  # noqa: F401
+from keras_solov2 import CoordConv, DynamicMaskConv, SOLOv2
+from keras_solov2.models import ARCHITECTURES
+from keras_solov2.models.backbone import build_resnet_backbone
+
+# torchvision ResNet parameters without the fc layer (BN gamma/beta included,
+# running statistics excluded).
+RESNET_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672,
+                 "resnet50": 23_508_032, "resnet101": 42_500_160}
+RESNET_OUT = {"resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 512],
+              "resnet50": [256, 512, 1024, 2048], "resnet101": [256, 512, 1024, 2048]}
+
+
+def mmdet_param_count(backbone, fpn_channels, feat_channels, stacked_convs,
+                      mask_feat_channels, mask_out_channels, num_classes=80, **_):
+    """Hand count of mmdet's SOLOv2 parameters (no BN running statistics)."""
+    f, h, e, m, c = fpn_channels, feat_channels, mask_out_channels, mask_feat_channels, num_classes
+    conv_gn = lambda i, o, k=3: i * o * k * k + 2 * o  # noqa: E731
+    n = RESNET_PARAMS[backbone]
+    n += sum(ci * f + f for ci in RESNET_OUT[backbone]) + 4 * (9 * f * f + f)
+    n += conv_gn(f + 2, h) + conv_gn(f, h) + 2 * (stacked_convs - 1) * conv_gn(h, h)
+    n += 9 * h * e + e + 9 * h * c + c
+    n += 3 * conv_gn(f, m) + conv_gn(f + 2, m) + 3 * conv_gn(m, m) + conv_gn(m, e, 1)
+    return n
+
+
+def _count(model):
+    return sum(int(np.prod(v.shape)) for v in model.weights if "moving_" not in v.path)
+
+
+def test_r50_matches_mmdet_count():
+    arch = ARCHITECTURES["solov2_r50"]
+    assert mmdet_param_count(**arch) == 46_592_912  # the count mmdet reports
+    assert _count(SOLOv2.from_architecture("solov2_r50")) == 46_592_912
+
+
+@pytest.mark.parametrize("name", ["solov2_r101", "solov2_light_r18", "solov2_light_r34", "solov2_light_r50"])
+def test_every_architecture_builds_with_mmdet_count(name):
+    model = SOLOv2.from_architecture(name)
+    assert _count(model) == mmdet_param_count(**ARCHITECTURES[name])
+
+
+def tiny_model(**kwargs):
+    """ResNet-18 layout with one block per stage and narrow FPN/head."""
+    args = dict(
+        backbone=build_resnet_backbone("resnet18", stackwise_num_blocks=[1, 1, 1, 1]),
+        num_classes=3, fpn_channels=32, feat_channels=32, stacked_convs=2,
+        mask_feat_channels=16, mask_out_channels=32, norm_groups=8,
+    )
+    args.update(kwargs)
+    return SOLOv2(**args)
+
+
+def test_forward_shapes_and_layout():
+    model = tiny_model()
+    out = model(np.zeros((2, 128, 160, 3), "float32"))
+    assert [tuple(c.shape) for c in out["cls_logits"]] == [(2, s, s, 3) for s in (40, 36, 24, 16, 12)]
+    assert [tuple(k.shape) for k in out["kernels"]] == [(2, s, s, 32) for s in (40, 36, 24, 16, 12)]
+    assert tuple(out["mask_features"].shape) == (2, 32, 40, 32)
+    # Class logits start at the prior (p = 0.01) plus a small random term.
+    assert abs(float(np.mean(out["cls_logits"][2])) + np.log(99)) < 0.5
+
+
+def test_frozen_stages_and_norm_eval():
+    model = tiny_model()
+    frozen = {layer.name for layer in model.backbone.layers if not layer.trainable}
+    assert "conv1_conv" in frozen and any(n.startswith("stack0_") for n in frozen)
+    assert not any(n.startswith("stack1_") for n in frozen)
+    bn = model.backbone.get_layer("stack2_block0_1_bn")
+    before = np.array(bn.moving_mean)
+    images = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype("float32")
+    model(images, training=True)
+    np.testing.assert_array_equal(np.array(bn.moving_mean), before)  # norm_eval
+    scratch = tiny_model(frozen_stages=-1, norm_eval=False)
+    assert all(layer.trainable for layer in scratch.backbone.layers)
+    bn = scratch.backbone.get_layer("stack2_block0_1_bn")
+    before = np.array(bn.moving_mean)
+    scratch(images, training=True)
+    assert not np.array_equal(np.array(bn.moving_mean), before)
+
+
+def test_layers_serialise():
+    for layer in (CoordConv(), DynamicMaskConv()):
+        cfg = json.loads(json.dumps(keras.layers.serialize(layer)))
+        assert keras.layers.deserialize(cfg).get_config() == layer.get_config()
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = tiny_model(class_names=["a", "b", "c"], score_thr=0.05)
+    images = np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)).astype("float32")
+    # Perturb every weight so the comparison is not between initialisations.
+    for v in model.weights:
+        v.assign(np.asarray(v) + np.random.default_rng(1).normal(0, 0.01, v.shape).astype(v.dtype))
+    before = model(images)
+    path = tmp_path / "tiny.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded, SOLOv2)
+    assert json.loads(json.dumps(loaded.get_config())) == json.loads(json.dumps(model.get_config()))
+    after = loaded(images)
+    for a, b in zip(keras.tree.flatten(before), keras.tree.flatten(after)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_predict_pads_and_returns_input_size():
+    model = tiny_model(max_per_img=10)
+    out = model.predict(np.zeros((2, 70, 90, 3), "float32"), verbose=0)
+    assert out["masks"].shape == (2, 10, 70, 90) and out["masks"].dtype == np.uint8
+    assert out["scores"].shape == (2, 10) and out["num_detections"].shape == (2,)
+
+
+def test_bad_configuration_errors():
+    with pytest.raises(ValueError, match="Unknown backbone"):
+        SOLOv2(backbone="vgg16")
+    with pytest.raises(ValueError, match="Unknown architecture"):
+        SOLOv2.from_architecture("solov2_r18")
+    with pytest.raises(ValueError, match="5 levels"):
+        tiny_model(num_grids=[40, 36, 24])
