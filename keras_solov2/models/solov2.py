@@ -267,21 +267,27 @@ class SOLOv2(keras.Model):
         )
 
     # ------------------------------------------------------------------- loss
-    def compute_solov2_loss(self, outputs, gt_masks, gt_labels):
+    def compute_solov2_loss(self, outputs, gt_masks, gt_labels, reduce_num_pos=None):
         """mmdet's `SOLOV2Head.loss_by_feat` on a padded batch.
 
         Args:
             outputs: `model(images)` outputs.
             gt_masks: `(B, M, H, W)` uint8 {0,1} at the padded image size.
             gt_labels: `(B, M)` int, `-1` for padding / ignored instances.
+            reduce_num_pos: optional function of this batch's number of
+                positive cells returning the normaliser to use; `train_step`
+                passes a sum over replicas so that the replicas' losses add
+                up to the loss of the global batch.
 
         Returns:
             Dict of float32 scalars `loss` (= `loss_cls + loss_mask`),
-            `loss_cls` (focal, summed / (num_pos + 1)) and `loss_mask` (dice
-            × `loss_mask_weight`, summed over positive pairs / num_pos).
+            `loss_cls` (focal, summed / (num_pos + 1)), `loss_mask` (dice ×
+            `loss_mask_weight`, summed over positive pairs / num_pos) and
+            `num_pos` (this batch's unique positive cells).
         """
         t = self._targets(gt_masks, gt_labels)
-        num_pos = ops.cast(t["num_pos"], "float32")
+        local_pos = ops.cast(t["num_pos"], "float32")
+        num_pos = local_pos if reduce_num_pos is None else reduce_num_pos(local_pos)
 
         # Categories: every cell of every level.
         logits = ops.concatenate(
@@ -324,7 +330,12 @@ class SOLOv2(keras.Model):
         used_pairs = ops.sum(ops.cast(chosen_valid, "float32"))
         dice_sum = dice_sum * total_pairs / ops.maximum(used_pairs, 1.0)
         loss_mask = ops.where(num_pos > 0, dice_sum / ops.maximum(num_pos, 1.0), 0.0)
-        return {"loss": loss_cls + loss_mask, "loss_cls": loss_cls, "loss_mask": loss_mask}
+        return {
+            "loss": loss_cls + loss_mask,
+            "loss_cls": loss_cls,
+            "loss_mask": loss_mask,
+            "num_pos": local_pos,
+        }
 
     # -------------------------------------------------------------- inference
     def decode(self, outputs):
@@ -420,11 +431,8 @@ class SOLOv2(keras.Model):
         images, y = self._unpack(data)
         with tf.GradientTape() as tape:
             outputs = self(images, training=True)
-            loss_dict = self.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"])
-            # model.fit averages gradients over replicas by summing.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            loss = loss_dict["loss"] / replicas
-            scaled = self.optimizer.scale_loss(loss)
+            loss_dict = self._replica_loss(outputs, y)
+            scaled = self.optimizer.scale_loss(loss_dict["loss"])
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         scale = getattr(self.optimizer, "dynamic_scale", None)
@@ -445,12 +453,29 @@ class SOLOv2(keras.Model):
     def test_step(self, data):
         images, y = self._unpack(data)
         outputs = self(images, training=False)
-        return self._track(self.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"]))
+        return self._track(self._replica_loss(outputs, y))
+
+    def _replica_loss(self, outputs, y):
+        """This replica's share of the global-batch loss.
+
+        The normaliser (positive cells) is summed over replicas, so the
+        replicas' losses, and the gradients `fit` sums across them, add up to
+        those of the global batch on one device.
+        """
+        ctx = tf.distribute.get_replica_context()
+        reduce_num_pos = None
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            reduce_num_pos = lambda n: ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)  # noqa: E731
+        return self.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"], reduce_num_pos)
 
     def _track(self, loss_dict):
-        self.loss_tracker.update_state(loss_dict["loss"])
-        self.loss_cls_tracker.update_state(loss_dict["loss_cls"])
-        self.loss_mask_tracker.update_state(loss_dict["loss_mask"])
+        # The trackers average over replicas; each replica holds a share of
+        # the global loss, so scale the shares back up.
+        ctx = tf.distribute.get_replica_context()
+        replicas = 1 if ctx is None else ctx.num_replicas_in_sync
+        self.loss_tracker.update_state(loss_dict["loss"] * replicas)
+        self.loss_cls_tracker.update_state(loss_dict["loss_cls"] * replicas)
+        self.loss_mask_tracker.update_state(loss_dict["loss_mask"] * replicas)
         return {m.name: m.result() for m in self.metrics}
 
     def predict_step(self, data):

@@ -1,0 +1,56 @@
+"""MirroredStrategy on 2 logical CPU devices equals one device on the same global batch."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import keras_solov2  # noqa: F401
+    from tests.test_model import tiny_model
+    from tests.test_training import synthetic_batch
+
+    images, y = synthetic_batch(n=4, h=96, w=128)
+    result = {}
+    for mode in ("single", "mirrored"):
+        keras.utils.set_random_seed(0)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if mode == "mirrored" \\
+            else tf.distribute.get_strategy()
+        with strategy.scope():
+            model = tiny_model(frozen_stages=-1, norm_eval=True)
+            model.compile(optimizer=keras.optimizers.SGD(0.01), weight_decay=0.0, grad_clip_norm=None)
+        before = [np.asarray(v).ravel()[:50] for v in model.trainable_variables[-6:]]
+        ds = tf.data.Dataset.from_tensor_slices((images, y)).batch(4)
+        hist = model.fit(ds, epochs=1, verbose=0)
+        result[mode] = {"loss": hist.history["loss"][0],
+                        "deltas": [(np.asarray(v).ravel()[:50] - b).tolist()
+                                   for v, b in zip(model.trainable_variables[-6:], before)]}
+        result[mode]["replicas"] = strategy.num_replicas_in_sync
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def test_mirrored_two_cpus_equals_single_device():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, proc.stderr[-3000:]
+    r = json.loads(line[0][len("RESULT"):])
+    assert r["mirrored"]["replicas"] == 2 and r["single"]["replicas"] == 1
+    assert abs(r["mirrored"]["loss"] - r["single"]["loss"]) < 1e-4 * abs(r["single"]["loss"])
+    import numpy as np
+
+    # The update itself (not just the weights) agrees: gradients are summed
+    # over replicas of a loss normalised over the global batch.
+    for a, b in zip(r["mirrored"]["deltas"], r["single"]["deltas"]):
+        assert np.abs(b).max() > 1e-6
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
