@@ -117,9 +117,14 @@ class MatrixNMS(keras.layers.Layer):
             take(mask_area),
             take(valid),
         )
-        s_flat = ops.take_along_axis(flat, order[:, :, None], axis=1)
-
-        inter = ops.matmul(s_flat, ops.transpose(s_flat, (0, 2, 1)))
+        if n_pre < num:
+            s_flat = ops.take_along_axis(flat, order[:, :, None], axis=1)
+            inter = ops.matmul(s_flat, ops.transpose(s_flat, (0, 2, 1)))
+        else:
+            # Permuting the small N×N matrix is cheaper than the (N, H·W) masks.
+            inter = ops.matmul(flat, ops.transpose(flat, (0, 2, 1)))
+            inter = ops.take_along_axis(inter, order[:, :, None], axis=1)
+            inter = ops.take_along_axis(inter, order[:, None, :], axis=2)
         union = s_area[:, :, None] + s_area[:, None, :] - inter
         iou = ops.where(union > 0, inter / ops.maximum(union, 1e-12), 0.0)
         upper = ops.triu(ops.ones((n_pre, n_pre), "bool"), k=1)[None]

@@ -1,0 +1,142 @@
+"""`keras-solov2` command line: demo, train, evaluate, predict, import, convert, assign."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _load_model(spec, num_classes=None, **overrides):
+    """A model from a `.keras` file, a preset (name, folder or .pth) or an architecture name."""
+    from keras_solov2.models import ARCHITECTURES, SOLOv2
+
+    if spec.endswith(".keras"):
+        import keras
+
+        if not Path(spec).is_file():
+            raise SystemExit(f"error: model file {spec} does not exist.")
+        return keras.saving.load_model(spec, safe_mode=True)
+    if spec in ARCHITECTURES:
+        kwargs = dict(overrides)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        return SOLOv2.from_architecture(spec, **kwargs)
+    return SOLOv2.from_preset(spec, num_classes=num_classes)
+
+
+def _image_files(paths):
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in exts)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SystemExit(f"error: {p} is neither an image file nor a folder.")
+    if not files:
+        raise SystemExit(f"error: no images found in {', '.join(map(str, paths))}.")
+    return files
+
+
+def predict_images(model, files, out_dir, score_thr=0.3, class_names=None):
+    """Predicts each image at its own size; writes `<stem>.png` overlays and `results.json`.
+
+    Returns the list of COCO-style result dicts (image_id = file index,
+    category = contiguous label).
+    """
+    import numpy as np
+    from PIL import Image
+
+    from keras_solov2.evaluation import encode_instances
+    from keras_solov2.visualize import draw_instances
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = class_names or model.class_names
+    results = []
+    for i, f in enumerate(files):
+        image = np.asarray(Image.open(f).convert("RGB"))
+        out = model.predict_step(image[None].astype("float32"))
+        n = int(out["num_detections"][0])
+        scores = np.asarray(out["scores"][0, :n])
+        keep = scores >= score_thr
+        masks = np.asarray(out["masks"][0, :n])[keep]
+        labels = np.asarray(out["labels"][0, :n])[keep]
+        draw_instances(image, masks, labels, scores[keep], names).save(out_dir / f"{f.stem}.png")
+        for r in encode_instances(masks, scores[keep], labels, i, list(range(model.num_classes))):
+            r["file_name"] = f.name
+            if names:
+                r["category_name"] = names[r["category_id"]]
+            results.append(r)
+        print(f"{f.name}: {int(keep.sum())} instances (score >= {score_thr})")
+    (out_dir / "results.json").write_text(json.dumps(results))
+    return results
+
+
+def _cmd_predict(args):
+    model = _load_model(args.model)
+    predict_images(model, _image_files(args.images), args.output, args.score_thr)
+    print(f"wrote overlays and results.json to {args.output}")
+
+
+def _cmd_assign(args):
+    import numpy as np
+    from PIL import Image
+
+    from keras_solov2.visualize import visualize_assignment
+
+    model = _load_model(args.model)
+    image = np.asarray(Image.open(args.image).convert("RGB"))
+    ids = np.asarray(Image.open(args.instance_mask))
+    if ids.ndim != 2 or ids.shape != image.shape[:2]:
+        raise SystemExit(f"error: {args.instance_mask} must be a single-channel id map of the image's size.")
+    labels = [k for k in np.unique(ids) if k != 0]
+    masks = np.stack([(ids == k).astype(np.uint8) for k in labels]) if labels else np.zeros((0,) + ids.shape, np.uint8)
+    visualize_assignment(model, image, masks, np.zeros(len(labels), np.int32)).save(args.output)
+    print(f"wrote {args.output}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="keras-solov2", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from keras_solov2 import training
+
+    training.add_subcommands(sub)
+
+    p = sub.add_parser("predict", help="image files/folder -> PNG overlays + COCO results JSON")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help=".keras file, preset name/folder/.pth, or architecture")
+    p.add_argument("--output", default="predictions")
+    p.add_argument("--score-thr", type=float, default=0.3)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("assign", help="picture of the grid cells each instance is assigned to")
+    p.add_argument("image")
+    p.add_argument("instance_mask", help="instance-id PNG (0 = background)")
+    p.add_argument("--model", default="solov2_r50")
+    p.add_argument("--output", default="assignment.png")
+    p.set_defaults(func=_cmd_assign)
+
+    try:
+        from keras_solov2.data import importers
+
+        importers.add_import_subcommand(sub)
+    except (ImportError, AttributeError):  # pragma: no cover - data extras missing
+        pass
+    try:
+        from keras_solov2.convert import add_convert_subcommand
+
+        add_convert_subcommand(sub)
+    except ImportError:  # pragma: no cover
+        pass
+
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
