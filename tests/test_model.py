@@ -122,3 +122,29 @@ def test_bad_configuration_errors():
         SOLOv2.from_architecture("solov2_r18")
     with pytest.raises(ValueError, match="5 levels"):
         tiny_model(num_grids=[40, 36, 24])
+
+
+def test_saves_are_atomic(tmp_path, monkeypatch):
+    model = tiny_model()
+    path = tmp_path / "ckpt.keras"
+    model.save(path)
+    good = path.read_bytes()
+
+    def crash(self, filepath, overwrite=True, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(keras.Model, "save", crash)
+    monkeypatch.setattr(keras.Model, "save_weights", crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(path)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_weights(tmp_path / "w.weights.h5")
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.keras"]  # no temp files left
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError):
+        model.save(path, overwrite=False)
+    model.save_weights(tmp_path / "w.weights.h5")
+    assert keras.saving.load_model(path).count_params() == model.count_params()

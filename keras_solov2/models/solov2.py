@@ -1,3 +1,7 @@
+import os
+import tempfile
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -509,6 +513,18 @@ class SOLOv2(keras.Model):
         }
 
     # ----------------------------------------------------------- serialising
+    def save(self, filepath, overwrite=True, **kwargs):
+        """`keras.Model.save`, written atomically (temp file + rename).
+
+        A crash or kill during the save leaves any previous file intact, so
+        `ModelCheckpoint` never leaves a truncated `.keras` file behind.
+        """
+        _atomic_write(super().save, filepath, overwrite, **kwargs)
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        """`keras.Model.save_weights`, written atomically (temp file + rename)."""
+        _atomic_write(super().save_weights, filepath, overwrite, **kwargs)
+
     def get_config(self):
         config = {
             "name": self.name,
@@ -532,3 +548,21 @@ class SOLOv2(keras.Model):
         if isinstance(config.get("backbone"), dict):
             config["backbone"] = keras.layers.deserialize(config["backbone"])
         return cls(**config)
+
+
+def _atomic_write(save_fn, filepath, overwrite, **kwargs):
+    if not isinstance(filepath, (str, os.PathLike)):
+        return save_fn(filepath, overwrite=overwrite, **kwargs)
+    path = Path(filepath)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        save_fn(tmp, overwrite=True, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
