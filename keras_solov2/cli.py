@@ -22,6 +22,8 @@ def _load_model(spec, num_classes=None, **overrides):
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         return SOLOv2.from_architecture(spec, **kwargs)
+    if not hasattr(SOLOv2, "from_preset"):
+        raise SystemExit(f"error: {spec!r} is not a .keras file nor one of {sorted(ARCHITECTURES)}.")
     return SOLOv2.from_preset(spec, num_classes=num_classes)
 
 

@@ -1,0 +1,1 @@
+"""Data: COCO-format instance masks for SOLOv2 (tf.data)."""

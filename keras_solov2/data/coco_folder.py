@@ -1,0 +1,222 @@
+"""A COCO JSON + image folder as a `tf.data` pipeline for `model.fit` and evaluation.
+
+Reads annotations with pycocotools (polygons, RLE and compressed RLE all
+decode through `annToMask`), maps COCO category ids (1–90 with gaps) to
+contiguous labels through the sorted category list (never `id - 1`), keeps
+crowd regions out of the training targets (COCOeval uses them as ignore
+regions), and refuses `file_name`s that escape the image root.
+
+Batches follow the model's data contract:
+`x = {"images": (B, H, W, 3) float32 RGB 0..255, "image_shape": (B, 2),
+"original_shape": (B, 2), "image_id": (B,)}` and
+`y = {"gt_masks": (B, M, H, W) uint8, "gt_labels": (B, M) int32, -1 = padding}`.
+Images are resized keeping the aspect ratio into `scale` (mmdet
+`Resize(keep_ratio=True)`), masks with nearest-neighbour sampling so they stay
+{0, 1}, and padded at the bottom/right to the fixed `pad_to` size with the
+mean pixel (which the model normalises to 0, as mmdet pads after
+normalisation), so every batch has the same static shape.
+"""
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class COCOFolderInfo:
+    """What a dataset needs for training and evaluation."""
+
+    annotation_file: str
+    image_root: str
+    category_ids: list  # contiguous label -> COCO category id
+    class_names: list
+    image_ids: list
+
+    @property
+    def num_classes(self):
+        return len(self.category_ids)
+
+    @property
+    def label_to_category_id(self):
+        return list(self.category_ids)
+
+
+def load_coco(annotation_file):
+    """pycocotools `COCO` of a JSON file, with a clear error for a bad file."""
+    from pycocotools.coco import COCO
+
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist.")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(path))
+    except Exception as e:  # json errors, missing keys
+        raise ValueError(f"{path}: not a readable COCO instances file ({type(e).__name__}: {e}).") from e
+    for key in ("images", "annotations", "categories"):
+        if key not in coco.dataset:
+            raise ValueError(f"{path}: missing the '{key}' list of a COCO instances file.")
+    known = set(coco.cats)
+    for ann in coco.dataset["annotations"]:
+        if ann.get("category_id") not in known:
+            raise ValueError(f"{path}: annotation {ann.get('id')} has unknown category_id {ann.get('category_id')}.")
+        if ann.get("image_id") not in coco.imgs:
+            raise ValueError(f"{path}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')}.")
+    return coco
+
+
+def safe_image_path(image_root, file_name, annotation_file="annotations"):
+    """`image_root / file_name`, refusing absolute paths and `..` escapes."""
+    root = Path(image_root).resolve()
+    path = (root / file_name).resolve()
+    if Path(file_name).is_absolute() or root not in path.parents:
+        raise ValueError(f"{annotation_file}: file_name {file_name!r} escapes the image root {root}.")
+    return path
+
+
+def describe(annotation_file, image_root, image_ids=None):
+    """`COCOFolderInfo` (category mapping in sorted-id order, image ids)."""
+    coco = load_coco(annotation_file)
+    cat_ids = sorted(coco.cats)
+    ids = sorted(coco.imgs) if image_ids is None else [int(i) for i in image_ids]
+    return COCOFolderInfo(str(annotation_file), str(image_root), cat_ids,
+                          [coco.cats[c]["name"] for c in cat_ids], ids)
+
+
+def split_ids(image_ids, val_fraction=0.2, seed=0):
+    """Deterministic train/validation split of image ids."""
+    ids = np.array(sorted(image_ids))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(ids)
+    n_val = max(1, int(round(len(ids) * val_fraction)))
+    return sorted(ids[n_val:].tolist()), sorted(ids[:n_val].tolist())
+
+
+def validate_images(coco, info, image_ids):
+    """Checks every image before training starts (errors inside tf.data would
+    surface as opaque TF errors): path inside the root, file present and
+    readable, size equal to the JSON's. Reads headers only."""
+    from PIL import Image
+
+    for image_id in image_ids:
+        img_info = coco.imgs[image_id]
+        path = safe_image_path(info.image_root, img_info["file_name"], info.annotation_file)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{info.annotation_file}: image {image_id} file {path} does not exist.") from None
+        except Exception as e:
+            raise ValueError(f"{info.annotation_file}: image {image_id} file {path} is not a readable image ({e}).") from e
+        if (img_info.get("height"), img_info.get("width")) != (h, w):
+            raise ValueError(
+                f"{info.annotation_file}: image {image_id} ({path.name}) is {h}x{w} but the JSON says "
+                f"{img_info.get('height')}x{img_info.get('width')}."
+            )
+
+
+def _load_example(coco, info, image_id, max_instances):
+    from PIL import Image
+
+    img_info = coco.imgs[image_id]
+    path = safe_image_path(info.image_root, img_info["file_name"], info.annotation_file)
+    with Image.open(path) as im:
+        image = np.asarray(im.convert("RGB"))  # grayscale, RGBA, palette -> RGB
+    h, w = image.shape[:2]
+    label_of = {c: i for i, c in enumerate(info.category_ids)}
+    masks, labels = [], []
+    for ann in coco.imgToAnns.get(image_id, []):
+        if ann.get("iscrowd", 0):
+            continue  # crowd regions are ignore regions for COCOeval, not positives
+        m = coco.annToMask(ann)
+        if not m.any():
+            log.warning("%s: annotation %s has an empty mask; skipped.", info.annotation_file, ann["id"])
+            continue
+        masks.append(m)
+        labels.append(label_of[ann["category_id"]])
+    if len(masks) > max_instances:
+        log.warning("%s: image %s has %d instances; keeping the first %d (max_instances).",
+                    info.annotation_file, image_id, len(masks), max_instances)
+        masks, labels = masks[:max_instances], labels[:max_instances]
+    out_masks = np.zeros((max_instances, h, w), np.uint8)
+    out_labels = -np.ones((max_instances,), np.int32)
+    if masks:
+        out_masks[: len(masks)] = np.stack(masks)
+        out_labels[: len(labels)] = labels
+    return image, out_masks, out_labels
+
+
+def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_size=2,
+                 max_instances=100, training=True, flip_prob=0.5, shuffle_seed=0):
+    """`tf.data.Dataset` of `(x, y)` batches from a COCO folder (see module doc).
+
+    Args:
+        info: `COCOFolderInfo` from `describe`.
+        image_ids: ids to use (default: `info.image_ids`).
+        scale: `(long, short)` keep-ratio resize target, mmdet style.
+        pad_to: `(H, W)` fixed padded size; default: `scale` sides rounded
+            up to multiples of 32, oriented (short, long) for landscape and
+            portrait alike, so it must fit both.
+        training: shuffle (seeded) and flip; otherwise keep file order.
+    """
+    import tensorflow as tf
+
+    coco = load_coco(info.annotation_file)
+    ids = list(info.image_ids if image_ids is None else image_ids)
+    validate_images(coco, info, ids)
+    long_side, short_side = max(scale), min(scale)
+    if pad_to is None:
+        side = -(-long_side // 32) * 32
+        pad_to = (side, side)
+    ph, pw = pad_to
+
+    def generate():
+        order = list(ids)
+        if training:
+            np.random.default_rng(shuffle_seed).shuffle(order)
+        for image_id in order:
+            image, masks, labels = _load_example(coco, info, image_id, max_instances)
+            yield image, masks, labels, np.array(image.shape[:2], np.int32), np.int64(image_id)
+
+    sig = (
+        tf.TensorSpec((None, None, 3), tf.uint8),
+        tf.TensorSpec((max_instances, None, None), tf.uint8),
+        tf.TensorSpec((max_instances,), tf.int32),
+        tf.TensorSpec((2,), tf.int32),
+        tf.TensorSpec((), tf.int64),
+    )
+
+    def transform(image, masks, labels, original_shape, image_id):
+        h = tf.cast(original_shape[0], tf.float32)
+        w = tf.cast(original_shape[1], tf.float32)
+        factor = tf.minimum(long_side / tf.maximum(h, w), short_side / tf.minimum(h, w))
+        factor = tf.minimum(factor, tf.minimum(ph / h, pw / w))
+        # mmcv.rescale_size: int(x * factor + 0.5)
+        nh = tf.cast(tf.floor(h * factor + 0.5), tf.int32)
+        nw = tf.cast(tf.floor(w * factor + 0.5), tf.int32)
+        image = tf.image.resize(tf.cast(image, tf.float32), (nh, nw), method="bilinear")
+        masks = tf.image.resize(tf.transpose(masks, (1, 2, 0)), (nh, nw), method="nearest")
+        if training and flip_prob > 0:
+            flip = tf.random.uniform(()) < flip_prob
+            image = tf.where(flip, image[:, ::-1], image)
+            masks = tf.where(flip, masks[:, ::-1], masks)
+        mean = tf.constant(PIXEL_MEAN, tf.float32)
+        image = tf.pad(image - mean, [[0, ph - nh], [0, pw - nw], [0, 0]]) + mean
+        masks = tf.pad(masks, [[0, ph - nh], [0, pw - nw], [0, 0]])
+        masks = tf.transpose(masks, (2, 0, 1))
+        image.set_shape((ph, pw, 3))
+        masks.set_shape((max_instances, ph, pw))
+        x = {"images": image, "image_shape": tf.stack([nh, nw]), "original_shape": original_shape,
+             "image_id": image_id}
+        return x, {"gt_masks": masks, "gt_labels": labels}
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=sig)
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)

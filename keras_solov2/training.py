@@ -1,0 +1,115 @@
+"""Training and evaluation runs for the CLI: `keras-solov2 demo | train | evaluate`.
+
+`train` wires the standard Keras callbacks: `BackupAndRestore` (a killed run
+resumes from its last epoch boundary, weights and optimizer state included,
+the LR schedule being a function of the restored step), `TerminateOnNaN`,
+`COCOMaskMAP` (adds `val_mask_AP*` to the logs), `ModelCheckpoint` on
+`val_mask_AP` (atomic saves), `CSVLogger` and `TensorBoard`.
+"""
+
+import json
+from pathlib import Path
+
+
+def _data_args(p):
+    p.add_argument("--annotations", required=True, help="COCO instances JSON")
+    p.add_argument("--images", required=True, help="image root folder of the JSON's file_names")
+    p.add_argument("--scale", default="1333,800", help="keep-ratio resize (long,short), mmdet style")
+    p.add_argument("--max-instances", type=int, default=100)
+
+
+def _scale(text):
+    a, b = (int(v) for v in text.split(","))
+    return (a, b)
+
+
+def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, scale=(1333, 800),
+          max_instances=100, schedule="1x", eval_every=1, base_lr=0.01, warmup_steps=500):
+    """`model.fit` with mmdet's optimiser/schedule and the standard callbacks."""
+    import keras
+
+    from keras_solov2.callbacks import COCOMaskMAP
+    from keras_solov2.data.coco_folder import make_dataset
+    from keras_solov2.schedules import WarmupMultiStepDecay, solov2_schedule
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_ds = make_dataset(info, train_ids, scale=scale, batch_size=batch_size,
+                            max_instances=max_instances, training=True)
+    steps = max(1, len(train_ids) // batch_size)
+    lr, default_epochs = solov2_schedule(batch_size, steps, schedule, base_lr, warmup_steps)
+    if epochs != default_epochs:  # keep mmdet's milestones at the same fractions
+        fractions = [m / (default_epochs * steps) for m in lr.milestones]
+        lr = WarmupMultiStepDecay(lr.base_lr, [int(f * epochs * steps) for f in fractions],
+                                  warmup_steps=min(warmup_steps, steps * epochs // 4))
+    model.compile(keras.optimizers.SGD(lr, momentum=0.9))
+    callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup")), keras.callbacks.TerminateOnNaN()]
+    if val_ids:
+        val_ds = make_dataset(info, val_ids, scale=scale, batch_size=batch_size,
+                              max_instances=max_instances, training=False)
+        callbacks.append(COCOMaskMAP(val_ds, info.annotation_file, info.label_to_category_id,
+                                     every_n_epochs=eval_every))
+        callbacks.append(keras.callbacks.ModelCheckpoint(str(out / "best.keras"), monitor="val_mask_AP",
+                                                         mode="max", save_best_only=True))
+    callbacks += [keras.callbacks.CSVLogger(str(out / "log.csv"), append=True),
+                  keras.callbacks.TensorBoard(str(out / "tensorboard"))]
+    history = model.fit(train_ds, epochs=epochs, callbacks=callbacks, verbose=2)
+    model.save(out / "final.keras")
+    return history
+
+
+def _cmd_train(args):
+    from keras_solov2.cli import _load_model
+    from keras_solov2.data.coco_folder import describe, split_ids
+
+    info = describe(args.annotations, args.images)
+    train_ids, val_ids = split_ids(info.image_ids, args.val_fraction, args.seed)
+    model = _load_model(args.model, num_classes=info.num_classes, class_names=info.class_names)
+    print(f"{len(train_ids)} training / {len(val_ids)} validation images, {info.num_classes} classes")
+    train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
+          _scale(args.scale), args.max_instances, args.schedule)
+    (Path(args.output) / "split.json").write_text(json.dumps({"train": train_ids, "val": val_ids}))
+
+
+def _cmd_evaluate(args):
+    from keras_solov2.cli import _load_model
+    from keras_solov2.data.coco_folder import describe, make_dataset
+    from keras_solov2.evaluation import evaluate_coco
+
+    info = describe(args.annotations, args.images)
+    model = _load_model(args.model)
+    ds = make_dataset(info, scale=_scale(args.scale), batch_size=args.batch_size,
+                      max_instances=args.max_instances, training=False)
+    stats = evaluate_coco(model, ds, info.annotation_file, info.label_to_category_id, verbose=True)
+    print(json.dumps({"mask_" + k: v for k, v in stats.items()}, indent=1))
+
+
+def _cmd_demo(args):
+    from keras_solov2.demo import run_demo
+
+    run_demo(args.output, epochs=args.epochs)
+
+
+def add_subcommands(sub):
+    p = sub.add_parser("demo", help="offline demo: train a light SOLOv2 on synthetic shapes, print mask AP")
+    p.add_argument("--output", default="solov2_demo")
+    p.add_argument("--epochs", type=int, default=10)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="train on a COCO JSON + image folder (resumes from OUTPUT/backup)")
+    _data_args(p)
+    p.add_argument("--model", default="solov2_light_r18",
+                   help="architecture name, preset, .pth or .keras to start from")
+    p.add_argument("--output", default="solov2_run")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="COCO mask mAP of a model on a COCO JSON + image folder")
+    _data_args(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.set_defaults(func=_cmd_evaluate)
