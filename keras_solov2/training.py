@@ -4,9 +4,11 @@
 resumes from its last epoch boundary, weights and optimizer state included,
 the LR schedule being a function of the restored step), `TerminateOnNaN`,
 `COCOMaskMAP` (adds `val_mask_AP*` to the logs), `ModelCheckpoint` on
-`val_mask_AP` (atomic saves), `CSVLogger` and `TensorBoard`.
+`val_mask_AP` (atomic saves), `CSVLogger`, and `TensorBoard` when the
+tensorboard package is installed.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -51,8 +53,9 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
                                      every_n_epochs=eval_every))
         callbacks.append(keras.callbacks.ModelCheckpoint(str(out / "best.keras"), monitor="val_mask_AP",
                                                          mode="max", save_best_only=True))
-    callbacks += [keras.callbacks.CSVLogger(str(out / "log.csv"), append=True),
-                  keras.callbacks.TensorBoard(str(out / "tensorboard"))]
+    callbacks.append(keras.callbacks.CSVLogger(str(out / "log.csv"), append=True))
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(keras.callbacks.TensorBoard(str(out / "tensorboard")))
     history = model.fit(train_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     model.save(out / "final.keras")
     return history

@@ -218,5 +218,7 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
         return x, {"gt_masks": masks, "gt_labels": labels}
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=sig)
+    # A known length lets `fit` size epochs and progress bars.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(ids)))
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
