@@ -7,10 +7,12 @@ area ≤ the level's stride → maskness rescoring → Matrix NMS → bilinear �
 the padded size → crop to the valid size → bilinear to the original size →
 `> mask_thr`.
 
-The one departure, for static shapes: at most `max_candidates` (cell, class)
-candidates above `score_thr` (the highest scored) get masks. mmdet computes
-all of them; with `max_candidates` ≥ the number above `score_thr` (the usual
-case for trained weights) the results are identical.
+The one departure: at most `max_candidates` (cell, class) candidates above
+`score_thr` (the highest scored) get masks, so memory is bounded. mmdet
+computes all of them; with `max_candidates` ≥ the number above `score_thr`
+(the usual case for trained weights) the results are identical. The number
+of candidates is dynamic inside the graph (no retracing); the outputs are
+padded to the static `max_per_img`.
 """
 
 import numpy as np
@@ -74,7 +76,10 @@ def decode_predictions(
     flat_kernels = ops.concatenate(flat_kernels, axis=1)
     cell_strides = np.concatenate(cell_strides)
 
-    k = min(int(max_candidates), scores.shape[1])
+    # Only the candidates above score_thr get masks (at most max_candidates):
+    # a dynamic count, so the cost follows what the image holds.
+    count = ops.max(ops.sum(ops.cast(scores > score_thr, "int32"), axis=1))
+    k = ops.clip(count, 1, min(int(max_candidates), scores.shape[1]))
     cand_scores, cand = ops.top_k(scores, k=k, sorted=True)
     valid = cand_scores > score_thr
     cell = cand // num_classes

@@ -103,3 +103,28 @@ def test_config_round_trip():
     assert clone.get_config() == layer.get_config()
     with pytest.raises(ValueError, match="kernel"):
         MatrixNMS(kernel="box")
+
+
+def test_dynamic_number_of_masks_in_a_graph():
+    import tensorflow as tf
+
+    z = np.random.default_rng(5)
+    masks = z.random((1, 30, 16, 24)) > 0.4
+    labels = z.integers(0, 3, (1, 30))
+    scores = z.uniform(0.1, 1, (1, 30)).astype("float32")
+    layer = MatrixNMS(filter_thr=0.05, nms_pre=20, max_per_img=10)
+    fn = tf.function(
+        lambda m, l, s: layer(m, l, s),
+        input_signature=[tf.TensorSpec((1, None, 16, 24), tf.bool), tf.TensorSpec((1, None), tf.int64),
+                         tf.TensorSpec((1, None), tf.float32)],
+    )
+    for n in (30, 12, 3):
+        dyn = fn(masks[:, :n], labels[:, :n], scores[:, :n])
+        ref_s, ref_l, ref_i = ref.matrix_nms(masks[0, :n], labels[0, :n], scores[0, :n], 0.05, 20, 10)
+        assert dyn["indices"].shape == (1, 10)
+        k = len(ref_i)
+        assert int(dyn["num_detections"][0]) == k
+        np.testing.assert_array_equal(np.asarray(dyn["indices"][0, :k]), ref_i)
+        np.testing.assert_allclose(np.asarray(dyn["scores"][0, :k]), ref_s, atol=1e-6)
+        assert np.all(np.asarray(dyn["indices"][0, k:]) == -1)
+    assert len(fn._list_all_concrete_functions()) == 1  # one trace for every N

@@ -15,8 +15,9 @@ class MatrixNMS(keras.layers.Layer):
     `1 - iou`). Decayed scores below `filter_thr` are dropped and the rest
     re-sorted and cut to `max_per_img`.
 
-    Shapes are static: the output is padded to `max_per_img` (index `-1`,
-    score `0`, label `-1`) so the layer compiles once per input shape.
+    The output is padded to `max_per_img` (index `-1`, score `0`, label
+    `-1`); N may be static or dynamic (a `tf.function` with an unknown N
+    traces once).
 
     Args:
         kernel: `"gaussian"` or `"linear"`.
@@ -92,9 +93,11 @@ class MatrixNMS(keras.layers.Layer):
         return out
 
     def _batched(self, masks, labels, scores, mask_area, valid):
-        num = masks.shape[1]
-        if num is None:
-            raise ValueError("MatrixNMS needs a static number of masks N.")
+        # N may be dynamic (candidates above a threshold): then the outputs
+        # are still padded to the static `max_per_img`.
+        static_num = masks.shape[1]
+        dynamic = static_num is None
+        num = ops.shape(masks)[1] if dynamic else static_num
         batch = ops.shape(masks)[0]
         flat = ops.reshape(ops.cast(masks, "float32"), (batch, num, -1))
         scores = ops.cast(scores, "float32")
@@ -105,11 +108,12 @@ class MatrixNMS(keras.layers.Layer):
         if valid is None:
             valid = ops.ones((batch, num), "bool")
         valid = ops.cast(valid, "bool")
+        smaller = ops.minimum if dynamic else min
 
         # Stable descending sort; invalid entries (score -1) go last.
-        _, order = ops.top_k(ops.where(valid, scores, -1.0), k=num, sorted=True)
-        n_pre = num if self.nms_pre <= 0 else min(self.nms_pre, num)
-        order = order[:, :n_pre]
+        _, full_order = ops.top_k(ops.where(valid, scores, -1.0), k=num, sorted=True)
+        n_pre = num if self.nms_pre <= 0 else smaller(self.nms_pre, num)
+        order = full_order[:, :n_pre]
         take = lambda t: ops.take_along_axis(t, order, axis=1)  # noqa: E731
         s_scores, s_labels, s_area, s_valid = (
             take(scores),
@@ -117,7 +121,7 @@ class MatrixNMS(keras.layers.Layer):
             take(mask_area),
             take(valid),
         )
-        if n_pre < num:
+        if dynamic or n_pre < num:
             s_flat = ops.take_along_axis(flat, order[:, :, None], axis=1)
             inter = ops.matmul(s_flat, ops.transpose(s_flat, (0, 2, 1)))
         else:
@@ -127,37 +131,41 @@ class MatrixNMS(keras.layers.Layer):
             inter = ops.take_along_axis(inter, order[:, None, :], axis=2)
         union = s_area[:, :, None] + s_area[:, None, :] - inter
         iou = ops.where(union > 0, inter / ops.maximum(union, 1e-12), 0.0)
-        upper = ops.triu(ops.ones((n_pre, n_pre), "bool"), k=1)[None]
+        rank = ops.arange(n_pre)
+        upper = (rank[:, None] < rank[None, :])[None]
         same = ops.equal(s_labels[:, :, None], s_labels[:, None, :])
         decay_iou = ops.where(ops.logical_and(upper, same), iou, 0.0)
         # compensate[i]: the column max of column i, used along row i.
-        compensate = ops.max(decay_iou, axis=1)[:, :, None]
+        compensate = ops.max(decay_iou, axis=1, initial=0.0)[:, :, None]
         if self.kernel == "gaussian":
             decay = ops.exp(-self.sigma * decay_iou**2) / ops.exp(
                 -self.sigma * compensate**2
             )
         else:
             decay = (1.0 - decay_iou) / (1.0 - compensate)
-        coefficient = ops.min(decay, axis=1)
+        coefficient = ops.min(decay, axis=1, initial=1.0)
         decayed = s_scores * coefficient
 
         keep = s_valid
         if self.filter_thr > 0:
             keep = ops.logical_and(keep, decayed >= self.filter_thr)
-        k = n_pre if self.max_per_img <= 0 else min(self.max_per_img, n_pre)
+        k = n_pre if self.max_per_img <= 0 else smaller(self.max_per_img, n_pre)
         top_scores, top = ops.top_k(ops.where(keep, decayed, -1.0), k=k, sorted=True)
         top_keep = ops.take_along_axis(keep, top, axis=1)
         indices = ops.where(top_keep, ops.take_along_axis(order, top, axis=1), -1)
         out_labels = ops.where(top_keep, ops.take_along_axis(s_labels, top, axis=1), -1)
         out_scores = ops.where(top_keep, top_scores, 0.0)
+        if dynamic and self.max_per_img > 0:
+            pad = [[0, 0], [0, self.max_per_img - k]]
+            indices = ops.pad(indices, pad, constant_values=-1)
+            out_labels = ops.pad(out_labels, pad, constant_values=-1)
+            out_scores = ops.pad(out_scores, pad)
+            top_keep = ops.pad(top_keep, pad)
 
         # Decayed score of every input, in input order.
         decayed_valid = ops.where(s_valid, decayed, 0.0)
-        if n_pre < num:
+        if dynamic or n_pre < num:
             decayed_valid = ops.pad(decayed_valid, [[0, 0], [0, num - n_pre]])
-            full_order = ops.top_k(ops.where(valid, scores, -1.0), k=num)[1]
-        else:
-            full_order = order
         inverse = ops.argsort(full_order, axis=1)
         by_input = ops.take_along_axis(decayed_valid, inverse, axis=1)
         return {
