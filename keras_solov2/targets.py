@@ -69,6 +69,12 @@ def rescale_masks(masks, mask_stride=4):
         `(..., round(H / mask_stride), round(W / mask_stride))` uint8 masks.
     """
     in_h, in_w = masks.shape[-2], masks.shape[-1]
+    if in_h is None or in_w is None:
+        raise ValueError(
+            "SOLOv2 training needs batches of a static padded size (got masks of shape "
+            f"{tuple(masks.shape)}); pad every batch to one size, e.g. "
+            "keras_solov2.data.coco_folder.make_dataset(pad_to=...)."
+        )
     out_h = int(in_h / mask_stride + 0.5)
     out_w = int(in_w / mask_stride + 0.5)
     y0, y1, wy0, wy1 = _cv2_linear_taps(in_h, out_h)

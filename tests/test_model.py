@@ -148,3 +148,12 @@ def test_saves_are_atomic(tmp_path, monkeypatch):
         model.save(path, overwrite=False)
     model.save_weights(tmp_path / "w.weights.h5")
     assert keras.saving.load_model(path).count_params() == model.count_params()
+
+
+def test_predict_several_sizes_one_graph():
+    model = tiny_model(max_per_img=5)
+    for h, w in [(64, 96), (70, 90), (128, 64), (96, 96)]:
+        out = model.predict(np.zeros((1, h, w, 3), "float32"), verbose=0)
+        assert out["masks"].shape == (1, 5, h, w)
+    # Keras relaxes the input shape after the second size: at most 2 traces.
+    assert len(model.predict_function._list_all_concrete_functions()) <= 2

@@ -28,16 +28,24 @@ class CoordConv(keras.layers.Layer):
 
     def call(self, inputs):
         shape = ops.shape(inputs)
-        h, w = shape[1], shape[2]
-        dtype = self.compute_dtype
-        x = ops.linspace(-1.0, 1.0, w, dtype="float32")
-        y = ops.linspace(-1.0, 1.0, h, dtype="float32")
-        xx = ops.broadcast_to(x[None, :], (h, w))
-        yy = ops.broadcast_to(y[:, None], (h, w))
-        coords = ops.cast(ops.stack([xx, yy], axis=-1), dtype)
-        coords = ops.broadcast_to(coords[None], (shape[0], h, w, 2))
-        return ops.concatenate([ops.cast(inputs, dtype), coords], axis=-1)
+        inputs = ops.cast(inputs, self.compute_dtype)
+        zeros = ops.zeros_like(inputs[..., :1])  # (B, H, W, 1), any H, W
+        x = ops.cast(_linspace(shape[2]), self.compute_dtype)[None, None, :, None] + zeros
+        y = ops.cast(_linspace(shape[1]), self.compute_dtype)[None, :, None, None] + zeros
+        return ops.concatenate([inputs, x, y], axis=-1)
 
     def compute_output_shape(self, input_shape):
         channels = None if input_shape[-1] is None else input_shape[-1] + 2
         return tuple(input_shape[:-1]) + (channels,)
+
+
+def _linspace(num):
+    """`torch.linspace(-1, 1, num)` in float32, also for a tensor `num`.
+
+    torch fills the first half as `-1 + i * step` and the second half as
+    `1 - (num - 1 - i) * step`; the same here keeps the last bit equal.
+    """
+    i = ops.cast(ops.arange(num), "float32")
+    n = ops.cast(num, "float32")
+    step = 2.0 / ops.maximum(n - 1.0, 1.0)
+    return ops.where(i < n / 2.0, -1.0 + i * step, 1.0 - (n - 1.0 - i) * step)

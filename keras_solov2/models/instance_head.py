@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_solov2.layers.conv_norm_relu import ConvNormReLU
 from keras_solov2.layers.coord_conv import CoordConv
+from keras_solov2.layers.resize import resize_bilinear
 
 
 @keras.saving.register_keras_serializable(package="keras_solov2")
@@ -102,7 +103,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         # the 2x2 average.
         p2 = ops.average_pool(p2, 2, strides=2, padding="valid")
         p5_hw = ops.shape(p5)[1:3]
-        p6 = ops.image.resize(p6, (p5_hw[0], p5_hw[1]), interpolation="bilinear")
+        p6 = resize_bilinear(p6, (p5_hw[0], p5_hw[1]))
         return [p2, p3, p4, p5, p6]
 
     def call(self, inputs):

@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_solov2.layers.conv_norm_relu import ConvNormReLU
 from keras_solov2.layers.coord_conv import CoordConv
+from keras_solov2.layers.resize import resize_bilinear
 
 
 @keras.saving.register_keras_serializable(package="keras_solov2")
@@ -46,9 +47,6 @@ class SOLOv2MaskFeatureHead(keras.layers.Layer):
             self.out_channels, 1, self.norm_groups, init,
             dtype=self.dtype_policy, name="conv_pred",
         )
-        self.upsample = keras.layers.UpSampling2D(
-            2, interpolation="bilinear", dtype=self.dtype_policy, name="upsample"
-        )
 
     def build(self, input_shape):
         in_channels = input_shape[0][-1]
@@ -67,7 +65,10 @@ class SOLOv2MaskFeatureHead(keras.layers.Layer):
             for conv in convs:
                 feat = conv(feat)
                 if level > 0:
-                    feat = self.upsample(feat)
+                    # Bilinear x2, align_corners=False (half-pixel centres);
+                    # sizes from the tensor so unknown H, W work too.
+                    shape = ops.shape(feat)
+                    feat = resize_bilinear(feat, (shape[1] * 2, shape[2] * 2))
             total = feat if total is None else total + feat
         return self.conv_pred(total)
 

@@ -10,6 +10,7 @@ from keras import ops
 from keras_solov2 import losses, postprocess, targets
 from keras_solov2.layers.dynamic_mask_conv import DynamicMaskConv
 from keras_solov2.layers.matrix_nms import MatrixNMS
+from keras_solov2.layers.resize import resize_bilinear
 from keras_solov2.models.architectures import ARCHITECTURES, STANDARD_HEAD
 from keras_solov2.models.backbone import (
     build_resnet_backbone,
@@ -494,17 +495,24 @@ class SOLOv2(keras.Model):
             P = `max_per_img`, sorted by score.
         """
         images, _ = self._unpack(data) if isinstance(data, (tuple, list)) else self._unpack((data,))
-        h, w = images.shape[1], images.shape[2]
-        ph = -(-h // SIZE_DIVISOR) * SIZE_DIVISOR
-        pw = -(-w // SIZE_DIVISOR) * SIZE_DIVISOR
         images = ops.cast(images, "float32")
-        if (ph, pw) != (h, w):
-            mean = ops.array(PIXEL_MEAN, "float32")
-            images = ops.pad(images - mean, [[0, 0], [0, ph - h], [0, pw - w], [0, 0]]) + mean
+        # Dynamic H, W: `predict` relaxes shapes after the second size, and
+        # the graph then serves every size without retracing.
+        shape = ops.shape(images)
+        h, w = shape[1], shape[2]
+        ph = (h + SIZE_DIVISOR - 1) // SIZE_DIVISOR * SIZE_DIVISOR
+        pw = (w + SIZE_DIVISOR - 1) // SIZE_DIVISOR * SIZE_DIVISOR
+        mean = ops.array(PIXEL_MEAN, "float32")
+        images = ops.pad(images - mean, [[0, 0], [0, ph - h], [0, pw - w], [0, 0]]) + mean
         decoded = self.decode(self(images, training=False))
-        soft = ops.transpose(decoded["soft_masks"], (0, 2, 3, 1))
-        soft = ops.image.resize(soft, (ph, pw), interpolation="bilinear")[:, :h, :w, :]
-        masks = ops.cast(ops.transpose(soft, (0, 3, 1, 2)) > self.mask_thr, "uint8")
+        # Upsample only the detections (padding entries stay zero): at
+        # 800x1344 each float mask is 4 MB.
+        n = ops.max(decoded["num_detections"])
+        # (resize needs at least one channel)
+        soft = ops.transpose(decoded["soft_masks"][:, : ops.maximum(n, 1)], (0, 2, 3, 1))
+        soft = resize_bilinear(soft, (ph, pw))[:, :h, :w, :]
+        masks = ops.cast(ops.transpose(soft, (0, 3, 1, 2))[:, :n] > self.mask_thr, "uint8")
+        masks = ops.pad(masks, [[0, 0], [0, self.max_per_img - n], [0, 0], [0, 0]])
         return {
             "masks": masks,
             "scores": decoded["scores"],
