@@ -221,6 +221,31 @@ class SOLOv2(keras.Model):
             )
         return cls(**dict(ARCHITECTURES[name], **kwargs))
 
+    @classmethod
+    def from_preset(cls, preset, num_classes=None, load_weights=True, **kwargs):
+        """A model from a preset name, a preset folder or an mmdet `.pth` file.
+
+        Args:
+            preset: one of `keras_solov2.models.presets.PRESETS`
+                (`"resnet50_coco"`, `"resnet50_1x_coco"`, `"resnet101_coco"`,
+                `"light_resnet{18,34,50}_coco"`: mmdet's COCO weights,
+                downloaded once and converted), a folder written by
+                `save_to_preset`, or a local mmdetection checkpoint.
+            num_classes: for fine-tuning: a new class-logit conv (randomly
+                initialised); every other weight is kept.
+            load_weights: `False` builds the architecture only.
+        """
+        from keras_solov2.models import presets
+
+        return presets.from_preset(cls, preset, num_classes=num_classes, load_weights=load_weights, **kwargs)
+
+    def save_to_preset(self, directory):
+        """Writes keras-hub's preset layout (`config.json`, `model.weights.h5`,
+        `metadata.json`) atomically; `from_preset(directory)` reads it back."""
+        from keras_solov2.models import presets
+
+        return presets.save_to_preset(self, directory)
+
     # ---------------------------------------------------------------- forward
     def call(self, images, training=False):
         x = (ops.cast(images, self.compute_dtype) - ops.array(PIXEL_MEAN, self.compute_dtype)) / ops.array(
