@@ -26,26 +26,36 @@ def _scale(text):
 
 
 def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, scale=(1333, 800),
-          max_instances=100, schedule="1x", eval_every=1, base_lr=0.01, warmup_steps=500):
-    """`model.fit` with mmdet's optimiser/schedule and the standard callbacks."""
+          max_instances=100, schedule="1x", eval_every=1, base_lr=0.01, warmup_steps=500,
+          steps_per_epoch=None, seed=0, optimizer=None, callbacks=None):
+    """`model.fit` with mmdet's optimiser/schedule and the standard callbacks.
+
+    A run killed at any point resumes (same command, same `output_dir`)
+    from its last epoch boundary with the weights, optimizer state, LR and
+    data position it had there. Use `steps_per_epoch` to make epochs (and
+    so backups) shorter than a pass over the data.
+    """
     import keras
 
     from keras_solov2.callbacks import COCOMaskMAP
-    from keras_solov2.data.coco_folder import make_dataset
+    from keras_solov2.data.coco_folder import EpochTracker, make_dataset
     from keras_solov2.schedules import WarmupMultiStepDecay, solov2_schedule
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    steps = steps_per_epoch or max(1, len(train_ids) // batch_size)
+    tracker = EpochTracker()
     train_ds = make_dataset(info, train_ids, scale=scale, batch_size=batch_size,
-                            max_instances=max_instances, training=True)
-    steps = max(1, len(train_ids) // batch_size)
+                            max_instances=max_instances, training=True, shuffle_seed=seed,
+                            steps_per_epoch=steps, epoch_tracker=tracker)
     lr, default_epochs = solov2_schedule(batch_size, steps, schedule, base_lr, warmup_steps)
     if epochs != default_epochs:  # keep mmdet's milestones at the same fractions
         fractions = [m / (default_epochs * steps) for m in lr.milestones]
         lr = WarmupMultiStepDecay(lr.base_lr, [int(f * epochs * steps) for f in fractions],
                                   warmup_steps=min(warmup_steps, steps * epochs // 4))
-    model.compile(keras.optimizers.SGD(lr, momentum=0.9))
-    callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup")), keras.callbacks.TerminateOnNaN()]
+    model.compile(optimizer or keras.optimizers.SGD(lr, momentum=0.9))
+    callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup")), tracker.as_callback(),
+                 keras.callbacks.TerminateOnNaN()] + list(callbacks or [])
     if val_ids:
         val_ds = make_dataset(info, val_ids, scale=scale, batch_size=batch_size,
                               max_instances=max_instances, training=False)
@@ -70,7 +80,8 @@ def _cmd_train(args):
     model = _load_model(args.model, num_classes=info.num_classes, class_names=info.class_names)
     print(f"{len(train_ids)} training / {len(val_ids)} validation images, {info.num_classes} classes")
     train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
-          _scale(args.scale), args.max_instances, args.schedule)
+          _scale(args.scale), args.max_instances, args.schedule,
+          steps_per_epoch=args.steps_per_epoch, seed=args.seed)
     (Path(args.output) / "split.json").write_text(json.dumps({"train": train_ids, "val": val_ids}))
 
 
@@ -109,6 +120,8 @@ def add_subcommands(sub):
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="batches per epoch (= backup interval); default one pass over the images")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="COCO mask mAP of a model on a COCO JSON + image folder")

@@ -153,18 +153,52 @@ def _load_example(coco, info, image_id, max_instances):
     return image, out_masks, out_labels
 
 
+class EpochTracker:
+    """Tells a training stream which epoch `fit` is in (a Keras callback).
+
+    `fit` calls `on_epoch_begin(epoch)` with the true epoch index (also after
+    `BackupAndRestore` resumed a run) before it creates that epoch's iterator,
+    so the stream can start exactly at `epoch * steps_per_epoch` batches.
+    """
+
+    def __init__(self):
+        self.epoch = 0
+
+    def as_callback(self):
+        import keras
+
+        tracker = self
+
+        class _Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                tracker.epoch = int(epoch)
+
+        return _Callback()
+
+
 def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_size=2,
-                 max_instances=100, training=True, flip_prob=0.5, shuffle_seed=0):
+                 max_instances=100, training=True, flip_prob=0.5, shuffle_seed=0,
+                 steps_per_epoch=None, epoch_tracker=None):
     """`tf.data.Dataset` of `(x, y)` batches from a COCO folder (see module doc).
+
+    Training order and flips are a pure function of `(shuffle_seed, position
+    in the stream)`: pass `p` over the images is a permutation seeded by
+    `(shuffle_seed, p)`, and each example's flip by `(shuffle_seed, p, i)`.
+    With an `epoch_tracker` (its callback in `fit`'s list) and
+    `steps_per_epoch`, epoch `e` yields batches `e * steps_per_epoch ...`
+    of that stream, so a run resumed by `BackupAndRestore` sees exactly the
+    data the uninterrupted run would have, and epochs need not align with
+    passes over the images.
 
     Args:
         info: `COCOFolderInfo` from `describe`.
         image_ids: ids to use (default: `info.image_ids`).
         scale: `(long, short)` keep-ratio resize target, mmdet style.
-        pad_to: `(H, W)` fixed padded size; default: `scale` sides rounded
-            up to multiples of 32, oriented (short, long) for landscape and
-            portrait alike, so it must fit both.
-        training: shuffle (seeded) and flip; otherwise keep file order.
+        pad_to: `(H, W)` fixed padded size; default: a square of the long
+            side rounded up to a multiple of 32 (fits landscape and portrait).
+        training: shuffle and flip (deterministically); otherwise file order.
+        steps_per_epoch: batches per epoch (default: one pass).
+        epoch_tracker: an `EpochTracker` whose callback is given to `fit`.
     """
     import tensorflow as tf
 
@@ -176,14 +210,22 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
         side = -(-long_side // 32) * 32
         pad_to = (side, side)
     ph, pw = pad_to
+    n = len(ids)
+    if steps_per_epoch is None:
+        steps_per_epoch = n // batch_size if training else -(-n // batch_size)
+    per_epoch = steps_per_epoch * batch_size if training else n
 
     def generate():
-        order = list(ids)
-        if training:
-            np.random.default_rng(shuffle_seed).shuffle(order)
-        for image_id in order:
+        epoch = epoch_tracker.epoch if epoch_tracker is not None else 0
+        for position in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+            if training:
+                passes, i = divmod(position, n)
+                image_id = ids[np.random.default_rng([shuffle_seed, passes]).permutation(n)[i]]
+                flip = bool(np.random.default_rng([shuffle_seed, passes, i]).random() < flip_prob)
+            else:
+                image_id, flip = ids[position], False
             image, masks, labels = _load_example(coco, info, image_id, max_instances)
-            yield image, masks, labels, np.array(image.shape[:2], np.int32), np.int64(image_id)
+            yield image, masks, labels, np.array(image.shape[:2], np.int32), np.int64(image_id), flip
 
     sig = (
         tf.TensorSpec((None, None, 3), tf.uint8),
@@ -191,9 +233,10 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
         tf.TensorSpec((max_instances,), tf.int32),
         tf.TensorSpec((2,), tf.int32),
         tf.TensorSpec((), tf.int64),
+        tf.TensorSpec((), tf.bool),
     )
 
-    def transform(image, masks, labels, original_shape, image_id):
+    def transform(image, masks, labels, original_shape, image_id, flip):
         h = tf.cast(original_shape[0], tf.float32)
         w = tf.cast(original_shape[1], tf.float32)
         factor = tf.minimum(long_side / tf.maximum(h, w), short_side / tf.minimum(h, w))
@@ -203,10 +246,8 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
         nw = tf.cast(tf.floor(w * factor + 0.5), tf.int32)
         image = tf.image.resize(tf.cast(image, tf.float32), (nh, nw), method="bilinear")
         masks = tf.image.resize(tf.transpose(masks, (1, 2, 0)), (nh, nw), method="nearest")
-        if training and flip_prob > 0:
-            flip = tf.random.uniform(()) < flip_prob
-            image = tf.where(flip, image[:, ::-1], image)
-            masks = tf.where(flip, masks[:, ::-1], masks)
+        image = tf.where(flip, image[:, ::-1], image)
+        masks = tf.where(flip, masks[:, ::-1], masks)
         mean = tf.constant(PIXEL_MEAN, tf.float32)
         image = tf.pad(image - mean, [[0, ph - nh], [0, pw - nw], [0, 0]]) + mean
         masks = tf.pad(masks, [[0, ph - nh], [0, pw - nw], [0, 0]])
@@ -219,6 +260,6 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=sig)
     # A known length lets `fit` size epochs and progress bars.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(len(ids)))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(per_epoch))
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)

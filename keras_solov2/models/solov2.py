@@ -342,6 +342,9 @@ class SOLOv2(keras.Model):
         noise = keras.random.uniform(ops.shape(pair_valid), seed=self.seed_generator)
         priority = ops.where(pair_valid, 1.0 + noise, 0.0)
         _, chosen = ops.top_k(priority, k=k, sorted=False)
+        # Slot order, so the sum does not depend on the noise when the cap
+        # does not bind (bit-identical resumed runs).
+        chosen = ops.sort(chosen, axis=1)
         chosen_valid = ops.take_along_axis(pair_valid, chosen, axis=1)
         chosen_cells = ops.take_along_axis(pair_cells, chosen, axis=1)
         chosen_slots = chosen // pairs_per_slot
