@@ -1,1 +1,25 @@
-"""Data: COCO-format instance masks for SOLOv2 (tf.data)."""
+"""Data: COCO-format instance masks for SOLOv2 as tf.data pipelines, and importers.
+
+Data code never imports model code.
+"""
+
+from keras_solov2.data.coco_folder import (
+    COCOFolderInfo,
+    EpochTracker,
+    describe,
+    load_coco,
+    make_dataset,
+    split_ids,
+)
+from keras_solov2.data.importers import FORMATS, import_dataset
+
+__all__ = [
+    "COCOFolderInfo",
+    "EpochTracker",
+    "FORMATS",
+    "describe",
+    "import_dataset",
+    "load_coco",
+    "make_dataset",
+    "split_ids",
+]
