@@ -3,12 +3,14 @@
 Data code never imports model code.
 """
 
+from keras_solov2.data.coco_builder import SOLOv2CocoConfig, Solov2Coco
 from keras_solov2.data.coco_folder import (
     COCOFolderInfo,
     EpochTracker,
     describe,
     load_coco,
     make_dataset,
+    make_tfds_dataset,
     split_ids,
 )
 from keras_solov2.data.importers import FORMATS, import_dataset
@@ -16,10 +18,13 @@ from keras_solov2.data.importers import FORMATS, import_dataset
 __all__ = [
     "COCOFolderInfo",
     "EpochTracker",
+    "SOLOv2CocoConfig",
+    "Solov2Coco",
     "FORMATS",
     "describe",
     "import_dataset",
     "load_coco",
     "make_dataset",
+    "make_tfds_dataset",
     "split_ids",
 ]

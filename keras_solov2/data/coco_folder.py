@@ -153,6 +153,45 @@ def _load_example(coco, info, image_id, max_instances):
     return image, out_masks, out_labels
 
 
+def resize_flip_pad(image, masks, labels, original_shape, image_id, flip, scale, pad_to, max_instances):
+    """One example → the model's `(x, y)` contract (see module doc).
+
+    Keep-ratio resize into `scale` (bilinear image, nearest masks, mmcv's
+    rounding), optional horizontal flip, bottom/right padding to `pad_to`
+    with the mean pixel (images) and 0 (masks).
+    """
+    import tensorflow as tf
+
+    long_side, short_side = max(scale), min(scale)
+    ph, pw = pad_to
+    h = tf.cast(original_shape[0], tf.float32)
+    w = tf.cast(original_shape[1], tf.float32)
+    factor = tf.minimum(long_side / tf.maximum(h, w), short_side / tf.minimum(h, w))
+    factor = tf.minimum(factor, tf.minimum(ph / h, pw / w))
+    # mmcv.rescale_size: int(x * factor + 0.5)
+    nh = tf.cast(tf.floor(h * factor + 0.5), tf.int32)
+    nw = tf.cast(tf.floor(w * factor + 0.5), tf.int32)
+    image = tf.image.resize(tf.cast(image, tf.float32), (nh, nw), method="bilinear")
+    masks = tf.image.resize(tf.transpose(masks, (1, 2, 0)), (nh, nw), method="nearest")
+    image = tf.where(flip, image[:, ::-1], image)
+    masks = tf.where(flip, masks[:, ::-1], masks)
+    mean = tf.constant(PIXEL_MEAN, tf.float32)
+    image = tf.pad(image - mean, [[0, ph - nh], [0, pw - nw], [0, 0]]) + mean
+    masks = tf.pad(masks, [[0, ph - nh], [0, pw - nw], [0, 0]])
+    masks = tf.transpose(masks, (2, 0, 1))
+    image.set_shape((ph, pw, 3))
+    masks.set_shape((max_instances, ph, pw))
+    x = {"images": image, "image_shape": tf.stack([nh, nw]), "original_shape": tf.cast(original_shape, tf.int32),
+         "image_id": tf.cast(image_id, tf.int64)}
+    return x, {"gt_masks": masks, "gt_labels": labels}
+
+
+def default_pad(scale):
+    """A square of the long side rounded up to 32: fits landscape and portrait."""
+    side = -(-max(scale) // 32) * 32
+    return (side, side)
+
+
 class EpochTracker:
     """Tells a training stream which epoch `fit` is in (a Keras callback).
 
@@ -206,10 +245,7 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     ids = list(info.image_ids if image_ids is None else image_ids)
     validate_images(coco, info, ids)
     long_side, short_side = max(scale), min(scale)
-    if pad_to is None:
-        side = -(-long_side // 32) * 32
-        pad_to = (side, side)
-    ph, pw = pad_to
+    ph, pw = pad_to or default_pad(scale)
     n = len(ids)
     if steps_per_epoch is None:
         steps_per_epoch = n // batch_size if training else -(-n // batch_size)
@@ -237,29 +273,45 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     )
 
     def transform(image, masks, labels, original_shape, image_id, flip):
-        h = tf.cast(original_shape[0], tf.float32)
-        w = tf.cast(original_shape[1], tf.float32)
-        factor = tf.minimum(long_side / tf.maximum(h, w), short_side / tf.minimum(h, w))
-        factor = tf.minimum(factor, tf.minimum(ph / h, pw / w))
-        # mmcv.rescale_size: int(x * factor + 0.5)
-        nh = tf.cast(tf.floor(h * factor + 0.5), tf.int32)
-        nw = tf.cast(tf.floor(w * factor + 0.5), tf.int32)
-        image = tf.image.resize(tf.cast(image, tf.float32), (nh, nw), method="bilinear")
-        masks = tf.image.resize(tf.transpose(masks, (1, 2, 0)), (nh, nw), method="nearest")
-        image = tf.where(flip, image[:, ::-1], image)
-        masks = tf.where(flip, masks[:, ::-1], masks)
-        mean = tf.constant(PIXEL_MEAN, tf.float32)
-        image = tf.pad(image - mean, [[0, ph - nh], [0, pw - nw], [0, 0]]) + mean
-        masks = tf.pad(masks, [[0, ph - nh], [0, pw - nw], [0, 0]])
-        masks = tf.transpose(masks, (2, 0, 1))
-        image.set_shape((ph, pw, 3))
-        masks.set_shape((max_instances, ph, pw))
-        x = {"images": image, "image_shape": tf.stack([nh, nw]), "original_shape": original_shape,
-             "image_id": image_id}
-        return x, {"gt_masks": masks, "gt_labels": labels}
+        return resize_flip_pad(image, masks, labels, original_shape, image_id, flip,
+                               (long_side, short_side), (ph, pw), max_instances)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=sig)
     # A known length lets `fit` size epochs and progress bars.
     ds = ds.apply(tf.data.experimental.assert_cardinality(per_epoch))
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+
+def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_instances=100,
+                      training=True, flip_prob=0.5, seed=0):
+    """The same `(x, y)` batches from a `solov2_coco` tfds split.
+
+    Crowd instances are left out of the targets; the first `max_instances`
+    others are kept. Flips are seeded by `(seed, index in the split)`.
+    Shuffle `ds` (e.g. `tfds.load(..., shuffle_files=True)` /
+    `ds.shuffle(n, seed)`) before passing it for training.
+    """
+    import tensorflow as tf
+
+    pad_to = pad_to or default_pad(scale)
+
+    def prepare(index, ex):
+        objects = ex["objects"]
+        keep = tf.logical_not(objects["is_crowd"])
+        hw = tf.shape(ex["image"])[:2]
+        masks = tf.reshape(tf.boolean_mask(objects["mask"], keep), (-1, hw[0], hw[1]))
+        labels = tf.cast(tf.boolean_mask(objects["label"], keep), tf.int32)
+        n = tf.minimum(tf.shape(labels)[0], max_instances)
+        masks = tf.pad(masks[:n], [[0, max_instances - n], [0, 0], [0, 0]])
+        labels = tf.pad(labels[:n], [[0, max_instances - n]], constant_values=-1)
+        if training and flip_prob > 0:
+            u = tf.random.stateless_uniform((), seed=tf.stack([tf.cast(seed, tf.int64), index]))
+            flip = u < flip_prob
+        else:
+            flip = tf.constant(False)
+        return resize_flip_pad(ex["image"], masks, labels, hw, ex["image/id"], flip, scale, pad_to,
+                               max_instances)
+
+    ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
