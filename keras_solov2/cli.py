@@ -24,7 +24,7 @@ def _load_model(spec, num_classes=None, **overrides):
         return SOLOv2.from_architecture(spec, **kwargs)
     if not hasattr(SOLOv2, "from_preset"):
         raise SystemExit(f"error: {spec!r} is not a .keras file nor one of {sorted(ARCHITECTURES)}.")
-    return SOLOv2.from_preset(spec, num_classes=num_classes)
+    return SOLOv2.from_preset(spec, num_classes=num_classes, **overrides)
 
 
 def _image_files(paths):
