@@ -34,13 +34,85 @@ def test_offline_named_preset_fails_fast_with_instructions(tmp_path, monkeypatch
     assert "from_preset('/path/to/" in text and str(tmp_path) in text
 
 
-def test_cached_checkpoint_with_wrong_hash_is_refused(tmp_path, monkeypatch):
+def test_corrupt_cached_checkpoint_is_fetched_again_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    target = presets.cache_dir() / "solov2_light_r18_fpn_3x_coco_20220511_083717-75fa355b.pth"
+    target = presets.checkpoint_path("light_resnet18_coco")
+    assert target.name == "solov2_light_r18_fpn_3x_coco_20220511_083717-75fa355b.pth"
     target.parent.mkdir(parents=True)
     target.write_bytes(b"not the checkpoint")
-    with pytest.raises(ValueError, match="does not match the sha256 prefix 75fa355b"):
+    monkeypatch.setattr(presets.socket, "create_connection", _unreachable)
+    with pytest.warns(UserWarning, match="does not start with 75fa355b"), pytest.raises(ConnectionError) as err:
         presets.fetch_checkpoint("light_resnet18_coco")
+    assert "interrupted or corrupt" in str(err.value)
+
+
+def _unreachable(*args, **kwargs):
+    raise OSError("Name or service not known")
+
+
+@pytest.fixture
+def local_checkpoint_server(fixtures_dir, tmp_path):
+    """A tiny mmdet checkpoint served over HTTP on 127.0.0.1, named as mmdet names its files."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    torch = pytest.importorskip("torch", reason="the convert extra (torch) is not installed")
+    z = np.load(fixtures_dir / "tiny" / "solov2_tiny_r18_forward.npz")
+    sd = {k[len("state_dict/"):]: torch.from_numpy(np.array(z[k])) for k in z.files if k.startswith("state_dict/")}
+    served = tmp_path / "served"
+    served.mkdir()
+    raw = served / "raw.pth"
+    torch.save({"meta": {"dataset_meta": {"classes": ["a", "b", "c"]}}, "state_dict": sd}, raw)
+    sha = hashlib.sha256(raw.read_bytes()).hexdigest()
+    name = f"solov2_tiny_r18_20990101_000000-{sha[:8]}.pth"
+    raw.rename(served / name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
+    yield dict(url=url, sha=sha, served=served / name, z=z, server=server)
+    server.shutdown()
+
+
+def test_named_preset_downloads_checks_converts_and_caches(local_checkpoint_server, tmp_path, monkeypatch):
+    srv = local_checkpoint_server
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(presets.PRESETS, "tiny_test_coco", dict(
+        architecture=None, mmdet_config="tiny", url=srv["url"], sha256_prefix=srv["sha"][:8], mask_ap=0.0,
+        test_scale=(128, 160), description="test", config={"norm_groups": 8}, class_names=["a", "b", "c"]))
+    model = SOLOv2.from_preset("tiny_test_coco")
+    checkpoint = presets.checkpoint_path("tiny_test_coco")
+    assert checkpoint.read_bytes() == srv["served"].read_bytes()
+    assert not list(checkpoint.parent.glob("*.part"))
+    converted = presets.converted_preset_dir("tiny_test_coco")
+    assert sorted(p.name for p in converted.iterdir()) == ["config.json", "metadata.json", "model.weights.h5"]
+    z = srv["z"]
+    image = z["input_uint8_bgr_chw"][::-1].transpose(1, 2, 0)[None].astype("float32")
+    np.testing.assert_allclose(np.asarray(model(image)["mask_features"]).transpose(0, 3, 1, 2), z["mask_feats"],
+                               atol=1e-4)
+    assert model.class_names == ["a", "b", "c"]
+    # Later calls need neither the network nor the .pth: the converted preset is cached.
+    srv["server"].shutdown()
+    checkpoint.unlink()
+    monkeypatch.setattr(presets.socket, "create_connection", _unreachable)
+    again = SOLOv2.from_preset("tiny_test_coco", num_classes=2)
+    assert again.num_classes == 2
+    np.testing.assert_array_equal(np.asarray(again(image)["mask_features"]), np.asarray(model(image)["mask_features"]))
+
+
+def test_download_with_the_wrong_hash_is_not_kept(local_checkpoint_server, tmp_path, monkeypatch):
+    srv = local_checkpoint_server
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(presets.PRESETS, "tiny_test_coco", dict(
+        architecture=None, mmdet_config="tiny", url=srv["url"], sha256_prefix="00000000", mask_ap=0.0,
+        test_scale=(128, 160), description="test", config={"norm_groups": 8}, class_names=["a", "b", "c"]))
+    with pytest.raises(ValueError, match="not 00000000"):
+        presets.fetch_checkpoint("tiny_test_coco")
+    assert not presets.checkpoint_path("tiny_test_coco").exists()
+    assert not list(presets.checkpoint_path("tiny_test_coco").parent.glob("*.part"))
 
 
 def test_save_to_preset_round_trip_and_new_classes(tmp_path):
