@@ -70,7 +70,7 @@ def decode_predictions(
         s = points_nms(ops.sigmoid(ops.cast(logits, "float32")))
         cells = s.shape[1] * s.shape[2]
         scores.append(ops.reshape(s, (batch, cells * num_classes)))
-        flat_kernels.append(ops.reshape(ops.cast(kern, "float32"), (batch, cells, -1)))
+        flat_kernels.append(ops.reshape(kern, (batch, cells, -1)))
         cell_strides.append(np.full((cells,), stride, "float32"))
     scores = ops.concatenate(scores, axis=1)
     flat_kernels = ops.concatenate(flat_kernels, axis=1)
@@ -85,8 +85,9 @@ def decode_predictions(
     cell = cand // num_classes
     labels = cand % num_classes
     cand_kernels = ops.take_along_axis(flat_kernels, cell[..., None], axis=1)
+    # The dot products run in the layer's compute dtype; probabilities in float32.
     mask_probs = ops.sigmoid(
-        dynamic_conv(ops.cast(mask_features, "float32"), cand_kernels)
+        ops.cast(dynamic_conv(mask_features, cand_kernels), "float32")
     )  # (B, K, h, w)
     masks = mask_probs > mask_thr
     masks_f = ops.cast(masks, "float32")

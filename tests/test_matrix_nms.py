@@ -128,3 +128,25 @@ def test_dynamic_number_of_masks_in_a_graph():
         np.testing.assert_allclose(np.asarray(dyn["scores"][0, :k]), ref_s, atol=1e-6)
         assert np.all(np.asarray(dyn["indices"][0, k:]) == -1)
     assert len(fn._list_all_concrete_functions()) == 1  # one trace for every N
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_intersections_are_exact_on_both_matmul_paths(monkeypatch, native_bf16):
+    from keras_solov2.layers import matrix_nms
+
+    monkeypatch.setattr(matrix_nms, "bfloat16_matmul_is_fast", lambda: native_bf16)
+    rng = np.random.default_rng(3)
+    # 50·70 = 3500 pixels: not a multiple of the 256-pixel block, counts far above 256.
+    masks = rng.random((2, 7, 50 * 70)) < rng.uniform(0.05, 0.95, (2, 7, 1))
+    masks[0, 3] = True
+    got = np.asarray(matrix_nms.binary_intersections(masks, masks))
+    want = np.einsum("bnp,bmp->bnm", masks.astype(np.int64), masks.astype(np.int64))
+    assert want.max() == 3500
+    np.testing.assert_array_equal(got, want)
+    # The layer agrees with the mmdet fixture on this path too.
+    out = MatrixNMS()(masks[0].reshape(7, 50, 70), np.zeros(7, "int32"), np.linspace(0.9, 0.3, 7).astype("float32"))
+    ref_out = ref.matrix_nms(masks[0].reshape(7, 50, 70), np.zeros(7), np.linspace(0.9, 0.3, 7).astype("float32"),
+                             filter_thr=0.05, nms_pre=500, max_num=100)
+    n = int(out["num_detections"])
+    np.testing.assert_array_equal(np.asarray(out["indices"])[:n], ref_out[2])
+    np.testing.assert_allclose(np.asarray(out["scores"])[:n], ref_out[0], rtol=0, atol=1e-6)

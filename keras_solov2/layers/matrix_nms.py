@@ -1,5 +1,66 @@
+import functools
+import os
+
 import keras
 from keras import ops
+
+# Integers up to 2**8 are exact in bfloat16 (8 significant bits): a 0/1
+# matmul over blocks of this many pixels has exact bfloat16 partial sums.
+_EXACT_BF16_BLOCK = 256
+
+
+@functools.lru_cache(maxsize=None)
+def bfloat16_matmul_is_fast():
+    """Whether this host multiplies bfloat16 matrices natively (x86 AVX512-BF16
+    or AMX). There oneDNN's bfloat16 matmul is ≈2.4× its float32 one; without
+    those units it is emulated and slower. `KERAS_SOLOV2_BF16_MATMUL=0|1`
+    overrides the detection."""
+    forced = os.environ.get("KERAS_SOLOV2_BF16_MATMUL")
+    if forced is not None:
+        return forced == "1"
+    if keras.backend.backend() != "tensorflow":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def binary_intersections(masks_a, masks_b):
+    """Exact pairwise pixel intersections of binary masks, one matmul.
+
+    Args:
+        masks_a: `(B, N, P)` 0/1 masks, flattened (any float or bool dtype).
+        masks_b: `(B, M, P)` 0/1 masks.
+
+    Returns:
+        `(B, N, M)` float32 intersection counts, exact.
+
+    On hosts with native bfloat16 matmul the product runs in bfloat16 over
+    blocks of 256 pixels, whose partial sums (≤ 256) bfloat16 holds exactly,
+    and the blocks are summed in float32; elsewhere in float32, exact below
+    2**24 pixels.
+    """
+    if not bfloat16_matmul_is_fast():
+        a = ops.cast(masks_a, "float32")
+        b = ops.cast(masks_b, "float32")
+        return ops.matmul(a, ops.transpose(b, (0, 2, 1)))
+    a = ops.cast(masks_a, "bfloat16")
+    b = ops.cast(masks_b, "bfloat16")
+    pixels = ops.shape(a)[2]
+    pad = (-pixels) % _EXACT_BF16_BLOCK
+    a = ops.pad(a, [[0, 0], [0, 0], [0, pad]])
+    b = ops.pad(b, [[0, 0], [0, 0], [0, pad]])
+
+    def blocks(t):  # (B, N, P) -> (B, P / 256, N, 256)
+        shape = ops.shape(t)
+        t = ops.reshape(t, (shape[0], shape[1], -1, _EXACT_BF16_BLOCK))
+        return ops.transpose(t, (0, 2, 1, 3))
+
+    partial = ops.matmul(blocks(a), ops.transpose(blocks(b), (0, 1, 3, 2)))
+    return ops.sum(ops.cast(partial, "float32"), axis=1)
 
 
 @keras.saving.register_keras_serializable(package="keras_solov2")
@@ -99,11 +160,11 @@ class MatrixNMS(keras.layers.Layer):
         dynamic = static_num is None
         num = ops.shape(masks)[1] if dynamic else static_num
         batch = ops.shape(masks)[0]
-        flat = ops.reshape(ops.cast(masks, "float32"), (batch, num, -1))
+        flat = ops.reshape(masks, (batch, num, -1))
         scores = ops.cast(scores, "float32")
         labels = ops.cast(labels, "int32")
         if mask_area is None:
-            mask_area = ops.sum(flat, axis=-1)
+            mask_area = ops.sum(ops.cast(flat, "float32"), axis=-1)
         mask_area = ops.cast(mask_area, "float32")
         if valid is None:
             valid = ops.ones((batch, num), "bool")
@@ -123,10 +184,10 @@ class MatrixNMS(keras.layers.Layer):
         )
         if dynamic or n_pre < num:
             s_flat = ops.take_along_axis(flat, order[:, :, None], axis=1)
-            inter = ops.matmul(s_flat, ops.transpose(s_flat, (0, 2, 1)))
+            inter = binary_intersections(s_flat, s_flat)
         else:
             # Permuting the small N×N matrix is cheaper than the (N, H·W) masks.
-            inter = ops.matmul(flat, ops.transpose(flat, (0, 2, 1)))
+            inter = binary_intersections(flat, flat)
             inter = ops.take_along_axis(inter, order[:, :, None], axis=1)
             inter = ops.take_along_axis(inter, order[:, None, :], axis=2)
         union = s_area[:, :, None] + s_area[:, None, :] - inter

@@ -1,4 +1,5 @@
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -115,7 +116,7 @@ class SOLOv2(keras.Model):
     ):
         super().__init__(**kwargs)
         if isinstance(backbone, str):
-            backbone = build_resnet_backbone(backbone)
+            backbone = build_resnet_backbone(backbone, dtype=self.dtype_policy)
         if len(num_grids) != 5 or len(scale_ranges) != 5 or len(strides) != 5:
             raise ValueError(
                 "SOLOv2 has 5 levels: num_grids, scale_ranges and strides need "
@@ -176,7 +177,10 @@ class SOLOv2(keras.Model):
             dtype=self.dtype_policy,
             name="mask_feature_head",
         )
-        self.dynamic_conv = DynamicMaskConv(name="dynamic_conv")
+        # Under a mixed policy the per-pixel dot products run in the compute
+        # dtype (bfloat16 halves post-processing on CPUs with native bf16);
+        # every loss and score is still computed in float32.
+        self.dynamic_conv = DynamicMaskConv(dtype=self.dtype_policy, name="dynamic_conv")
         self.matrix_nms = MatrixNMS(
             kernel=kernel,
             sigma=sigma,
@@ -354,7 +358,7 @@ class SOLOv2(keras.Model):
             axis=1,
         )
         pair_kernels = ops.take_along_axis(kernels, chosen_cells[..., None], axis=1)
-        mask_logits = self.dynamic_conv(ops.cast(outputs["mask_features"], "float32"), pair_kernels)
+        mask_logits = self.dynamic_conv(outputs["mask_features"], pair_kernels)
         mask_targets = targets.rescale_masks(gt_masks)  # (B, M, h, w)
         pair_targets = ops.take_along_axis(mask_targets, chosen_slots[:, :, None, None], axis=1)
         dice = losses.dice_loss(mask_logits, pair_targets) * self.loss_mask_weight
@@ -466,6 +470,7 @@ class SOLOv2(keras.Model):
             outputs = self(images, training=True)
             loss_dict = self._replica_loss(outputs, y)
             scaled = self.optimizer.scale_loss(loss_dict["loss"])
+        self._report_non_finite(loss_dict, data)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         scale = getattr(self.optimizer, "dynamic_scale", None)
@@ -482,6 +487,31 @@ class SOLOv2(keras.Model):
             grads = [g * ops.cast(scale, g.dtype) for g in grads]
         self.optimizer.apply(grads, variables)
         return self._track(loss_dict)
+
+    def _report_non_finite(self, loss_dict, data):
+        """Prints the batch's image ids to stderr when its loss is NaN/inf.
+
+        `TerminateOnNaN` then stops `fit`; the ids say which images to check.
+        (Under `mixed_float16` a non-finite loss is the loss scale's normal
+        overflow signal, skipped by the optimizer, and is not reported.)
+        """
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        ids = x.get("image_id") if isinstance(x, dict) else None
+        finite = tf.reduce_all(
+            [tf.math.is_finite(loss_dict[k]) for k in ("loss", "loss_cls", "loss_mask")]
+        )
+
+        def report():
+            what = ["image ids", ids] if ids is not None else ["(no image_id in the batch)"]
+            tf.print(
+                "keras_solov2: non-finite loss (loss_cls", loss_dict["loss_cls"], ", loss_mask",
+                loss_dict["loss_mask"], ") in the batch with", *what, output_stream=sys.stderr,
+            )
+            return tf.constant(False)
+
+        tf.cond(finite, lambda: tf.constant(True), report)
 
     def test_step(self, data):
         images, y = self._unpack(data)
@@ -565,6 +595,7 @@ class SOLOv2(keras.Model):
         config = {
             "name": self.name,
             "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
             "backbone": keras.layers.serialize(self.backbone),
         }
         for key in (
@@ -582,7 +613,12 @@ class SOLOv2(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         if isinstance(config.get("backbone"), dict):
-            config["backbone"] = keras.layers.deserialize(config["backbone"])
+            backbone = dict(config["backbone"], config=dict(config["backbone"]["config"]))
+            if config.get("dtype") is not None:
+                # One policy for the whole model: `from_preset(..., dtype=...)`
+                # changes the saved model's policy, the backbone's included.
+                backbone["config"]["dtype"] = config["dtype"]
+            config["backbone"] = keras.layers.deserialize(backbone)
         return cls(**config)
 
 
