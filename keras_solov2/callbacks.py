@@ -21,6 +21,7 @@ class COCOMaskMAP(keras.callbacks.Callback):
         every_n_epochs: int.
         prefix: key prefix, default `"val_mask_"`.
         max_batches: optional cap for quick checks.
+        backend: `"pycocotools"` or `"faster_coco_eval"` (if installed).
 
     Example:
     ```python
@@ -32,7 +33,7 @@ class COCOMaskMAP(keras.callbacks.Callback):
     """
 
     def __init__(self, dataset, coco_gt, label_to_category_id, every_n_epochs=1,
-                 prefix="val_mask_", max_batches=None):
+                 prefix="val_mask_", max_batches=None, backend="pycocotools"):
         super().__init__()
         self.dataset = dataset
         self.coco_gt = coco_gt
@@ -40,13 +41,15 @@ class COCOMaskMAP(keras.callbacks.Callback):
         self.every_n_epochs = int(every_n_epochs)
         self.prefix = prefix
         self.max_batches = max_batches
+        self.backend = backend
         self.history = []
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:
             return
         stats = evaluate_coco(
-            self.model, self.dataset, self.coco_gt, self.label_to_category_id, self.max_batches
+            self.model, self.dataset, self.coco_gt, self.label_to_category_id, self.max_batches,
+            backend=self.backend,
         )
         stats = {self.prefix + k: v for k, v in stats.items()}
         self.history.append((epoch, stats))

@@ -1,4 +1,4 @@
-"""COCO mask mAP of a SOLOv2 model on a dataset, with pycocotools.
+"""COCO mask mAP of a SOLOv2 model on a dataset, with pycocotools (or faster-coco-eval).
 
 Masks are produced at each image's *original* size (mmdet's resize order),
 RLE-encoded image by image so that nothing of size `(N, H0, W0)` is kept,
@@ -10,6 +10,7 @@ ignore regions.
 """
 
 import contextlib
+import copy
 import io
 
 import numpy as np
@@ -81,12 +82,23 @@ def predict_coco_results(model, dataset, label_to_category_id, max_batches=None)
     return results, image_ids
 
 
-def coco_mask_map(coco_gt, results, image_ids, verbose=False):
+def coco_mask_map(coco_gt, results, image_ids, verbose=False, backend="pycocotools"):
     """COCOeval(segm) over `image_ids` → dict of AP, AP50, AP75, APs, APm, APl.
 
     Images without any prediction count (with zero recall); an empty result
     list gives all zeros rather than pycocotools' error.
+
+    Args:
+        coco_gt: ground-truth COCO JSON path or pycocotools `COCO`.
+        results: COCO result dicts (`encode_instances`).
+        image_ids: every image that was evaluated.
+        verbose: print COCOeval's summary.
+        backend: `"pycocotools"` (the official code) or `"faster_coco_eval"`
+            (the `faster-coco-eval` package, same metric in C++; several
+            times faster on large sets; `pip install faster-coco-eval`).
     """
+    if backend not in ("pycocotools", "faster_coco_eval"):
+        raise ValueError(f"backend must be 'pycocotools' or 'faster_coco_eval', got {backend!r}.")
     coco_gt = _as_coco(coco_gt)
     image_ids = sorted(set(int(i) for i in image_ids))
     unknown = [i for i in image_ids if i not in coco_gt.imgs]
@@ -96,8 +108,10 @@ def coco_mask_map(coco_gt, results, image_ids, verbose=False):
         return {k: 0.0 for k in STAT_NAMES}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        if backend == "faster_coco_eval":
+            ev = _faster_cocoeval(coco_gt, results)
+        else:
+            ev = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="segm")
         ev.params.imgIds = image_ids
         ev.evaluate()
         ev.accumulate()
@@ -108,7 +122,24 @@ def coco_mask_map(coco_gt, results, image_ids, verbose=False):
     return {k: float(max(v, 0.0)) if v >= 0 else -1.0 for k, v in zip(STAT_NAMES, ev.stats[:6])}
 
 
-def evaluate_coco(model, dataset, coco_gt, label_to_category_id, max_batches=None, verbose=False):
-    """COCO mask mAP of `model` on `dataset` against `coco_gt` (path or COCO)."""
+def _faster_cocoeval(coco_gt, results):
+    try:
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        raise ImportError(
+            "backend='faster_coco_eval' needs the faster-coco-eval package: pip install faster-coco-eval"
+        ) from None
+    gt = FasterCOCO()
+    gt.dataset = copy.deepcopy(coco_gt.dataset)
+    gt.createIndex()
+    # Its loadRes rewrites the result dicts in place: give it copies.
+    return COCOeval_faster(gt, gt.loadRes(copy.deepcopy(results)), iouType="segm")
+
+
+def evaluate_coco(model, dataset, coco_gt, label_to_category_id, max_batches=None, verbose=False,
+                  backend="pycocotools"):
+    """COCO mask mAP of `model` on `dataset` against `coco_gt` (path or COCO);
+    `backend` as in `coco_mask_map`."""
     results, image_ids = predict_coco_results(model, dataset, label_to_category_id, max_batches)
-    return coco_mask_map(coco_gt, results, image_ids, verbose=verbose)
+    return coco_mask_map(coco_gt, results, image_ids, verbose=verbose, backend=backend)

@@ -132,3 +132,19 @@ def test_images_without_predictions_still_count(tmp_path):
 def test_empty_results_give_zero(tmp_path):
     gt_path, _, _ = _write_gt(tmp_path)
     assert coco_mask_map(gt_path, [], [1, 2, 3])["AP"] == 0.0
+
+
+def test_faster_coco_eval_backend_gives_pycocotools_numbers(tmp_path):
+    import pytest
+
+    pytest.importorskip("faster_coco_eval", reason="faster-coco-eval is not installed (pip install faster-coco-eval)")
+    gt_path, gt, sizes = _write_gt(tmp_path)
+    dets = []
+    for i in gt:
+        for k, (m, lab) in enumerate(gt[i]):
+            dets.append({"image_id": i, "category_id": CATEGORY_IDS[lab], "score": 0.9 - 0.3 * k,
+                         "segmentation": _rle(np.roll(m, shift=3 * (k + 1), axis=1))})
+    ours = coco_mask_map(gt_path, dets, [1, 2, 3], backend="faster_coco_eval")
+    stats = _pycocotools_ap(gt_path, dets, [1, 2, 3])
+    assert 0 < ours["AP"] < 1
+    np.testing.assert_allclose([ours[k] for k in ("AP", "AP50", "AP75")], stats[:3], rtol=0, atol=1e-9)

@@ -56,3 +56,17 @@ def test_zero_instance_batch_trains_without_nan():
     assert np.all(np.isfinite(history.history["loss"]))
     assert history.history["loss_mask"] == [0.0, 0.0]
     assert all(np.all(np.isfinite(np.asarray(v))) for v in model.trainable_variables)
+
+
+def test_non_finite_loss_names_the_batch_images_and_stops(capfd):
+    images, y = synthetic_batch(n=2)
+    images[1, 5, 5, 0] = np.nan  # a broken image
+    x = {"images": images, "image_id": np.array([101, 202], np.int64)}
+    model = tiny_model()
+    model.compile()
+    history = model.fit(tf.data.Dataset.from_tensors((x, y)).repeat(3), epochs=1, verbose=0,
+                        callbacks=[keras.callbacks.TerminateOnNaN()])
+    err = capfd.readouterr().err
+    assert "non-finite loss" in err and "[101 202]" in err, err[-2000:]
+    assert np.isnan(history.history["loss"][0])
+    assert model.stop_training
