@@ -8,24 +8,34 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   mask-feature branch), post-processing with random weights and with K
   forced candidates (K (cell, class) logits set to +2, the rest -6, kernels
   0.2·N(0,1), so K candidates reach Matrix NMS), and the full `predict_step`;
+  the FLOPs of the backbone+neck and head graphs (TensorFlow's profiler) and
+  the GFLOP/s they reach; for every `--dtypes` policy (`float32`, and
+  `mixed_bfloat16`: the bfloat16 inference path);
 * one train step, R50 batch 2 at 512×512 with 2–4 instances per image
-  (median step time and the process's peak RSS);
-* Matrix NMS alone: N = 100, 500 box masks at 200×336, gaussian and linear.
+  (median step time and the peak RSS of the process that ran it), per policy;
+* Matrix NMS alone: N = 100, 500 box masks at 200×336, gaussian and linear;
+* retracing: `model.predict` on several image sizes in one process, and the
+  number of graphs it compiled.
 
-Comparison: `--peer-python /path/to/mmdet-venv/bin/python` (or the
-SOLOV2_PEER_PYTHON environment variable) runs the peer script in a
-subprocess after ours and prints ours/mmdet ratios. See benchmarks/README.md.
+Each section runs in its own subprocess, so every peak RSS is that section's
+alone (mmdet's too: its train step and its inference run as separate
+processes). Comparison: `--peer-python /path/to/mmdet-venv/bin/python` (or
+SOLOV2_PEER_PYTHON) runs the peer script after ours and prints ours/mmdet
+ratios. See benchmarks/README.md.
 
-Usage: python benchmarks/bench_solov2.py [--threads 2] [--skip train] [--out FILE]
+Usage: python benchmarks/bench_solov2.py [--threads 2] [--dtypes float32,mixed_bfloat16]
+       [--skip infer,train,nms,retrace] [--jit-compile] [--peer-python P] [--out FILE]
 """
 
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,11 +51,21 @@ def timeit(fn, warmup, runs):
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return {"median": 1e3 * statistics.median(ts), "min": 1e3 * min(ts), "max": 1e3 * max(ts)}
+    return {"median": 1e3 * statistics.median(ts), "min": 1e3 * min(ts), "max": 1e3 * max(ts), "n": runs}
 
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def graph_gflop(fn, *specs):
+    """FLOPs of one call of `fn` on inputs of `specs` (TensorFlow's op statistics)."""
+    import tensorflow as tf
+
+    graph = tf.function(fn).get_concrete_function(*specs).graph
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph, options=opts).total_float_ops / 1e9
 
 
 def forced_outputs(outputs, k, seed=1):
@@ -62,8 +82,12 @@ def forced_outputs(outputs, k, seed=1):
         lvl = int(np.searchsorted(offsets, cell, side="right") - 1)
         r, c = divmod(cell - int(offsets[lvl]), cls[lvl].shape[2])
         cls[lvl][0, r, c, label] = 2.0
-    kernels = [0.2 * rng.standard_normal(kk.shape).astype("float32") for kk in outputs["kernels"]]
-    return {"cls_logits": cls, "kernels": kernels, "mask_features": outputs["mask_features"]}
+    dtype = outputs["kernels"][0].dtype
+    kernels = [(0.2 * rng.standard_normal(kk.shape)).astype("float32") for kk in outputs["kernels"]]
+    import tensorflow as tf
+
+    return {"cls_logits": [tf.cast(c, dtype) for c in cls], "kernels": [tf.cast(kk, dtype) for kk in kernels],
+            "mask_features": outputs["mask_features"]}
 
 
 def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
@@ -74,20 +98,32 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
     padded = np.pad(images, [(0, 0), (0, ph - h), (0, pw - w), (0, 0)])
     kw = {"jit_compile": jit_compile, "reduce_retracing": True}
-    backbone = tf.function(lambda x: model.neck(model.feature_extractor(x)), **kw)
-    head = tf.function(lambda p: (model.instance_head(p), model.mask_feature_head(p[:4])), **kw)
+    dtype = model.compute_dtype
+
+    def backbone_fn(x):
+        return model.neck(model.feature_extractor(x))
+
+    def head_fn(p):
+        return model.instance_head(p), model.mask_feature_head(p[:4])
+
+    backbone = tf.function(backbone_fn, **kw)
+    head = tf.function(head_fn, **kw)
     post = tf.function(lambda o: model.decode(o))
     full = tf.function(lambda x: model.predict_step(x), **kw)
-    normalised = (padded - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
-    pyramid = backbone(normalised.astype("float32"))
+    normalised = tf.cast((padded - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375]), dtype)
+    pyramid = backbone(normalised)
     (cls, kernels), feats = head(pyramid)
     outputs = {"cls_logits": cls, "kernels": kernels, "mask_features": feats}
-    res = {"input_hw": [h, w], "padded_hw": [ph, pw]}
-    res["backbone_neck_ms"] = timeit(lambda: backbone(normalised.astype("float32")), warmup, runs)
+    res = {"input_hw": [h, w], "padded_hw": [ph, pw], "dtype_policy": model.dtype_policy.name}
+    res["gflop_backbone_neck"] = graph_gflop(backbone_fn, tf.TensorSpec(normalised.shape, dtype))
+    res["gflop_head"] = graph_gflop(head_fn, [tf.TensorSpec(p.shape, p.dtype) for p in pyramid])
+    res["backbone_neck_ms"] = timeit(lambda: backbone(normalised), warmup, runs)
     res["head_forward_ms"] = timeit(lambda: head(pyramid), warmup, runs)
     res["postprocess_ms_random_weights"] = timeit(lambda: post(outputs), warmup, runs)
     res["num_dets_random_weights"] = int(post(outputs)["num_detections"][0])
     res["full_predict_ms"] = timeit(lambda: full(images), warmup, runs)
+    for stage in ("backbone_neck", "head"):
+        res[f"gflops_per_s_{stage}"] = res[f"gflop_{stage}"] / (res[f"{stage.replace('head', 'head_forward')}_ms"]["median"] / 1e3)
     res["forced"] = {}
     for k in forced_ks:
         o = forced_outputs(outputs, k)
@@ -99,7 +135,7 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     return res
 
 
-def bench_train(model, warmup, runs, batch=2, h=512, w=512):
+def bench_train(model, warmup, runs, batch=2, h=512, w=512, jit_compile=False):
     import numpy as np
     import tensorflow as tf
 
@@ -116,10 +152,11 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512):
             labels[b, i] = rng.integers(0, model.num_classes)
     model.compile()
     data = (tf.constant(images), {"gt_masks": tf.constant(masks), "gt_labels": tf.constant(labels)})
-    step = tf.function(model.train_step)
+    step = tf.function(model.train_step, jit_compile=jit_compile)
     return {
         "batch": batch,
         "input_hw": [h, w],
+        "dtype_policy": model.dtype_policy.name,
         "train_step_ms": timeit(lambda: step(data), warmup, runs),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -130,8 +167,9 @@ def bench_matrix_nms(warmup, runs, ns=(100, 500), hw=(200, 336)):
     import tensorflow as tf
 
     from keras_solov2.layers import MatrixNMS
+    from keras_solov2.layers.matrix_nms import bfloat16_matmul_is_fast
 
-    out = {}
+    out = {"bfloat16_iou_matmul": bfloat16_matmul_is_fast()}
     for n in ns:
         rng = np.random.default_rng(n)
         H, W = hw
@@ -150,55 +188,152 @@ def bench_matrix_nms(warmup, runs, ns=(100, 500), hw=(200, 336)):
     return out
 
 
-def run_ours(a):
+def bench_retrace(model, sizes=((480, 640), (512, 512), (427, 640), (800, 1333), (640, 480))):
+    """`model.predict` on images of several sizes: graphs compiled and time per call."""
+    import numpy as np
+
+    rows = []
+    for h, w in sizes:
+        x = np.zeros((1, h, w, 3), "float32")
+        t = time.perf_counter()
+        model.predict(x, verbose=0)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        model.predict(x, verbose=0)
+        rows.append({"hw": [h, w], "first_call_ms": 1e3 * first, "second_call_ms": 1e3 * (time.perf_counter() - t)})
+    graphs = len(model.predict_function._list_all_concrete_functions())
+    return {"calls": rows, "graphs_compiled": graphs}
+
+
+def run_section(a, section, dtype):
+    """One measurement in this process (called in a subprocess by `run_ours`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(a.threads)
     tf.config.threading.set_inter_op_parallelism_threads(a.threads)
-    import keras_solov2
+    import keras_solov2  # noqa: F401
     from keras_solov2 import SOLOv2
 
-    skip = set(a.skip.split(",")) if a.skip else set()
-    res = {"versions": {"keras_solov2": keras_solov2.__version__, "tensorflow": tf.__version__},
-           "threads": a.threads, "jit_compile": a.jit_compile}
     forced = [int(k) for k in a.forced_k.split(",") if k]
-    if "nms" not in skip:
-        res["matrix_nms"] = bench_matrix_nms(a.warmup, a.runs)
-    if "infer" not in skip:
-        model = SOLOv2.from_architecture("solov2_r50")
-        res["inference"] = {}
-        for s in a.sizes.split(","):
-            h, w = map(int, s.split("x"))
-            res["inference"][s] = bench_predict(model, h, w, a.warmup, a.runs, forced, a.jit_compile)
-        light = SOLOv2.from_architecture("solov2_light_r18")
-        res["inference_light_r18"] = {"448x768": bench_predict(light, 448, 768, a.warmup, a.runs, [], a.jit_compile)}
-    if "train" not in skip:
-        model = SOLOv2.from_architecture("solov2_r50")
-        res["train"] = bench_train(model, a.train_warmup, a.train_runs)
+    if section == "nms":
+        return bench_matrix_nms(a.warmup, a.runs)
+    if section.startswith("infer:"):
+        h, w = map(int, section.split(":")[1].split("x"))
+        model = SOLOv2.from_architecture("solov2_r50", dtype=dtype)
+        return bench_predict(model, h, w, a.warmup, a.runs, forced, a.jit_compile)
+    if section == "infer_light":
+        model = SOLOv2.from_architecture("solov2_light_r18", dtype=dtype)
+        return bench_predict(model, 448, 768, a.warmup, a.runs, [], a.jit_compile)
+    if section == "train":
+        model = SOLOv2.from_architecture("solov2_r50", dtype=dtype)
+        return bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile)
+    if section == "retrace":
+        return bench_retrace(SOLOv2.from_architecture("solov2_r50", dtype=dtype))
+    raise ValueError(section)
+
+
+def _subprocess(cmd):
+    """Runs `cmd`; returns the child's peak RSS in MB (its own, via wait4)."""
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_maxrss / 1024
+
+
+def run_ours(a):
+    import keras_solov2
+
+    skip = set(a.skip.split(",")) if a.skip else set()
+    sections = [] if "nms" in skip else [("nms", "float32")]
+    for dtype in a.dtypes.split(","):
+        if "infer" not in skip:
+            sections += [(f"infer:{s}", dtype) for s in a.sizes.split(",")] + [("infer_light", dtype)]
+        if "train" not in skip:
+            sections.append(("train", dtype))
+        if "retrace" not in skip:
+            sections.append(("retrace", dtype))
+    import tensorflow as tf
+
+    res = {"versions": {"keras_solov2": keras_solov2.__version__, "tensorflow": tf.__version__,
+                        "keras": __import__("keras").__version__, "python": platform.python_version()},
+           "machine": _machine(), "threads": a.threads, "jit_compile": a.jit_compile, "sections": {}}
+    for section, dtype in sections:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        cmd = [sys.executable, __file__, "--section", section, "--section-dtype", dtype, "--section-out", out,
+               "--threads", str(a.threads), "--warmup", str(a.warmup), "--runs", str(a.runs),
+               "--train-warmup", str(a.train_warmup), "--train-runs", str(a.train_runs), "--forced-k", a.forced_k]
+        if a.jit_compile:
+            cmd.append("--jit-compile")
+        print(f"ours: {section} {dtype}", flush=True)
+        rss = _subprocess(cmd)
+        r = json.loads(Path(out).read_text())
+        os.remove(out)
+        r["process_peak_rss_mb"] = rss
+        res["sections"][f"{section}|{dtype}"] = r
     return res
 
 
+def _machine():
+    model = "?"
+    flags = []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split()
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return {"cpu": model, "cores": os.cpu_count(), "isa": isa}
+
+
 def run_peer(a):
+    """mmdet's script, inference+NMS and the train step in separate processes."""
     python = a.peer_python or os.environ.get("SOLOV2_PEER_PYTHON")
     if not python:
         return None
-    out = Path(a.out).with_suffix(".mmdet.json")
-    cmd = [python, str(PEER_SCRIPT), "--threads", str(a.threads), "--warmup", str(a.warmup),
-           "--runs", str(a.runs), "--sizes", a.sizes, "--forced-k", a.forced_k, "--out", str(out)]
-    if a.skip:
-        cmd += ["--skip", a.skip]
-    print("running mmdet peer:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    skip = set(a.skip.split(",")) if a.skip else set()
+    merged = {}
+    parts = [("infer_nms", "train"), ("train", "infer,nms")]
+    for name, peer_skip in parts:
+        wanted = {"infer_nms": {"infer", "nms"}, "train": {"train"}}[name]
+        if wanted <= skip:
+            continue
+        out = Path(a.out).with_suffix(f".mmdet_{name}.json")
+        cmd = [python, str(PEER_SCRIPT), "--threads", str(a.threads), "--warmup", str(a.warmup),
+               "--runs", str(a.runs), "--train-warmup", str(a.train_warmup), "--train-runs", str(a.train_runs),
+               "--sizes", a.sizes, "--forced-k", a.forced_k, "--out", str(out),
+               "--skip", ",".join(sorted(set(peer_skip.split(",")) | (skip & {"infer", "train", "nms"})))]
+        print("mmdet:", " ".join(cmd), flush=True)
+        with open(os.devnull, "w") as devnull:
+            proc = subprocess.Popen(cmd, stdout=devnull)
+            _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
+        r = json.loads(out.read_text())
+        out.unlink()
+        r[f"process_peak_rss_mb_{name}"] = usage.ru_maxrss / 1024
+        for k, v in r.items():
+            merged.setdefault(k, v)
+        merged[f"process_peak_rss_mb_{name}"] = usage.ru_maxrss / 1024
+    return merged
 
 
 def table(ours, peer):
     rows = []
 
-    def add(name, value, ref=None):
-        ratio = f"{value / ref:.2f}" if ref else ""
-        rows.append((name, f"{value:.0f}", f"{ref:.0f}" if ref else "", ratio))
+    def fmt(ms):
+        return f"{ms['median']:.0f} ({ms['min']:.0f}–{ms['max']:.0f})"
+
+    def add(name, ms=None, ref=None, text=None):
+        ratio = f"{ms['median'] / ref['median']:.2f}" if ms and ref else ""
+        rows.append((name, text if text is not None else fmt(ms), fmt(ref) if ref else "", ratio))
 
     def get(d, *keys):
         for k in keys:
@@ -207,26 +342,40 @@ def table(ours, peer):
             d = d[k]
         return d
 
-    for s, r in (ours.get("inference") or {}).items():
-        p = get(peer, "inference", s)
-        add(f"predict R50 {s} full", r["full_predict_ms"]["median"], get(p, "full_predict_ms", "median"))
-        add(f"  backbone+neck", r["backbone_neck_ms"]["median"], get(p, "backbone_neck_ms", "median"))
-        add(f"  head", r["head_forward_ms"]["median"], get(p, "head_forward_ms", "median"))
-        for k, f in r["forced"].items():
-            add(f"  post-processing, {k} forced", f["postprocess_ms"]["median"],
-                get(p, "postprocess_forced_candidates", k, "postprocess_ms", "median"))
-        rows.append((f"  peak RSS MB (process)", f"{r['peak_rss_mb']:.0f}", "", ""))
-    for s, r in (ours.get("inference_light_r18") or {}).items():
-        add(f"predict light R18 {s} full", r["full_predict_ms"]["median"])
-    if "train" in ours:
-        add("train step R50 b2 512²", ours["train"]["train_step_ms"]["median"],
-            get(peer, "train", "train_step_ms", "median"))
-        rows.append(("  peak RSS MB (process)", f"{ours['train']['peak_rss_mb']:.0f}", "", ""))
-    for k, r in (ours.get("matrix_nms") or {}).items():
-        add(f"Matrix NMS {k}", r["ms"]["median"], get(peer, "matrix_nms", k, "ms", "median"))
+    for key, r in ours["sections"].items():
+        section, dtype = key.split("|")
+        tag = "" if dtype == "float32" else " bf16"
+        if section.startswith("infer:"):
+            s = section.split(":")[1]
+            p = get(peer, "inference", s)
+            add(f"predict R50 {s}{tag} full", r["full_predict_ms"], get(p, "full_predict_ms"))
+            add(f"  backbone+neck ({r['gflop_backbone_neck']:.0f} GFLOP, "
+                f"{r['gflops_per_s_backbone_neck']:.0f} GFLOP/s)", r["backbone_neck_ms"], get(p, "backbone_neck_ms"))
+            add(f"  head ({r['gflop_head']:.0f} GFLOP, {r['gflops_per_s_head']:.0f} GFLOP/s)",
+                r["head_forward_ms"], get(p, "head_forward_ms"))
+            for k, f in r["forced"].items():
+                add(f"  post-processing, {k} forced", f["postprocess_ms"],
+                    get(p, "postprocess_forced_candidates", k, "postprocess_ms"))
+            add("  peak RSS MB (process)", text=f"{r['process_peak_rss_mb']:.0f}")
+        elif section == "infer_light":
+            add(f"predict light R18 448x768{tag} full", r["full_predict_ms"])
+        elif section == "train":
+            add(f"train step R50 b2 512²{tag}", r["train_step_ms"], get(peer, "train", "train_step_ms"))
+            ref_rss = get(peer, "process_peak_rss_mb_train")
+            rows.append(("  peak RSS MB (process)", f"{r['process_peak_rss_mb']:.0f}",
+                         f"{ref_rss:.0f}" if ref_rss else "",
+                         f"{r['process_peak_rss_mb'] / ref_rss:.2f}" if ref_rss else ""))
+        elif section == "retrace":
+            add(f"predict on {len(r['calls'])} sizes{tag}: graphs compiled", text=str(r["graphs_compiled"]))
+        elif section == "nms":
+            for k, v in r.items():
+                if isinstance(v, dict):
+                    add(f"Matrix NMS {k}", v["ms"], get(peer, "matrix_nms", k, "ms"))
     width = max(len(r[0]) for r in rows) if rows else 10
-    lines = [f"{'measurement':<{width}}  {'ours ms':>9}  {'mmdet ms':>9}  {'ratio':>6}"]
-    lines += [f"{a:<{width}}  {b:>9}  {c:>9}  {d:>6}" for a, b, c, d in rows]
+    w2 = max([len(r[1]) for r in rows] + [14])
+    w3 = max([len(r[2]) for r in rows] + [14])
+    lines = [f"{'measurement':<{width}}  {'ours ms (min–max)':>{w2}}  {'mmdet ms (min–max)':>{w3}}  {'ratio':>6}"]
+    lines += [f"{a:<{width}}  {b:>{w2}}  {c:>{w3}}  {d:>6}" for a, b, c, d in rows]
     return "\n".join(lines)
 
 
@@ -239,17 +388,25 @@ def main():
     ap.add_argument("--train-runs", type=int, default=3)
     ap.add_argument("--sizes", default="512x512,800x1333")
     ap.add_argument("--forced-k", default="100,500")
-    ap.add_argument("--skip", default="", help="comma list of: infer,train,nms")
-    ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict")
+    ap.add_argument("--dtypes", default="float32,mixed_bfloat16", help="dtype policies to measure")
+    ap.add_argument("--skip", default="", help="comma list of: infer,train,nms,retrace")
+    ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict/train step")
     ap.add_argument("--peer-python", default=None, help="python of an mmdet 3.3 venv (../shared/peer)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench.json"))
+    ap.add_argument("--section", help=argparse.SUPPRESS)
+    ap.add_argument("--section-dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--section-out", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.section:
+        Path(a.section_out).write_text(json.dumps(run_section(a, a.section, a.section_dtype)))
+        return 0
     ours = run_ours(a)
     peer = run_peer(a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"ours": ours, "mmdet": peer}, indent=1))
     print(table(ours, peer))
     print("wrote", a.out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_every_architecture_builds_with_mmdet_count(name):
 def tiny_model(**kwargs):
     """ResNet-18 layout with one block per stage and narrow FPN/head."""
     args = dict(
-        backbone=build_resnet_backbone("resnet18", stackwise_num_blocks=[1, 1, 1, 1]),
+        backbone=build_resnet_backbone("resnet18", stackwise_num_blocks=[1, 1, 1, 1], dtype=kwargs.get("dtype")),
         num_classes=3, fpn_channels=32, feat_channels=32, stacked_convs=2,
         mask_feat_channels=16, mask_out_channels=32, norm_groups=8,
     )
@@ -150,8 +150,9 @@ def test_saves_are_atomic(tmp_path, monkeypatch):
     assert keras.saving.load_model(path).count_params() == model.count_params()
 
 
-def test_predict_several_sizes_one_graph():
-    model = tiny_model(max_per_img=5)
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_predict_several_sizes_one_graph(dtype):
+    model = tiny_model(max_per_img=5, dtype=dtype)
     for h, w in [(64, 96), (70, 90), (128, 64), (96, 96)]:
         out = model.predict(np.zeros((1, h, w, 3), "float32"), verbose=0)
         assert out["masks"].shape == (1, 5, h, w)

@@ -13,4 +13,5 @@ def resize_bilinear(images, size):
         return ops.image.resize(images, size, interpolation="bilinear")
     import tensorflow as tf
 
-    return tf.image.resize(images, tf.stack(size), method="bilinear")
+    # (tf.image.resize answers in float32 for every input dtype but float16)
+    return tf.cast(tf.image.resize(images, tf.stack(size), method="bilinear"), images.dtype)
