@@ -66,7 +66,7 @@ def predict_coco_results(model, dataset, label_to_category_id, max_batches=None)
             `keras_solov2.data`).
         label_to_category_id: contiguous label → COCO category id.
     """
-    decode = tf.function(lambda images: model.decode(model(images, training=False)))
+    decode = tf.function(lambda images: model.decode(model.inference_outputs(images)))
     results, image_ids = [], []
     for i, batch in enumerate(dataset):
         if max_batches is not None and i >= max_batches:

@@ -158,3 +158,25 @@ def test_predict_several_sizes_one_graph(dtype):
         assert out["masks"].shape == (1, 5, h, w)
     # Keras relaxes the input shape after the second size: at most 2 traces.
     assert len(model.predict_function._list_all_concrete_functions()) <= 2
+
+
+def test_inference_outputs_skip_only_unneeded_kernel_branches():
+    model = tiny_model(max_per_img=20)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 96, 128, 3)).astype("float32")
+    dense = model(images)
+    # Random init: every score is ~0.01 < score_thr, so no kernel is ever read.
+    lazy = model.inference_outputs(images)
+    assert all(not np.any(np.asarray(k)) for k in lazy["kernels"])
+    for a, b in zip(lazy["cls_logits"], dense["cls_logits"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(np.max(model.decode(lazy)["num_detections"])) == 0
+    # Class-logit bias 0 (scores ~0.5): candidates on every level, every branch runs.
+    bias = model.instance_head.conv_cls.bias
+    bias.assign(np.zeros(bias.shape, "float32"))
+    dense, lazy = model(images), model.inference_outputs(images)
+    for a, b in zip(lazy["kernels"], dense["kernels"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    d_lazy, d_dense = model.decode(lazy), model.decode(dense)
+    assert int(np.min(d_dense["num_detections"])) > 0
+    for key in ("scores", "labels", "num_detections"):
+        np.testing.assert_array_equal(np.asarray(d_lazy[key]), np.asarray(d_dense[key]))

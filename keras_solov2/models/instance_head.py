@@ -106,19 +106,32 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         p6 = resize_bilinear(p6, (p5_hw[0], p5_hw[1]))
         return [p2, p3, p4, p5, p6]
 
-    def call(self, inputs):
-        cls_logits, kernels = [], []
+    def level_features(self, inputs):
+        """`[P2..P6]` → per level `(B, S, S, C_fpn + 2)`: resized, with coordinates."""
+        feats = []
         for feat, num_grid in zip(self.resize_feats(inputs), self.num_grids):
             feat = self.coord(feat)
-            feat = ops.image.resize(feat, (num_grid, num_grid), interpolation="bilinear")
-            kernel_feat = feat
-            cls_feat = feat[..., :-2]
-            for conv in self.kernel_convs:
-                kernel_feat = conv(kernel_feat)
-            for conv in self.cls_convs:
-                cls_feat = conv(cls_feat)
-            kernels.append(self.conv_kernel(kernel_feat))
-            cls_logits.append(self.conv_cls(cls_feat))
+            feats.append(ops.image.resize(feat, (num_grid, num_grid), interpolation="bilinear"))
+        return feats
+
+    def category_branch(self, feat):
+        """One level's `(B, S, S, C_fpn + 2)` features → `(B, S, S, C)` logits."""
+        x = feat[..., :-2]
+        for conv in self.cls_convs:
+            x = conv(x)
+        return self.conv_cls(x)
+
+    def kernel_branch(self, feat):
+        """One level's `(B, S, S, C_fpn + 2)` features → `(B, S, S, E)` kernels."""
+        x = feat
+        for conv in self.kernel_convs:
+            x = conv(x)
+        return self.conv_kernel(x)
+
+    def call(self, inputs):
+        feats = self.level_features(inputs)
+        cls_logits = [self.category_branch(f) for f in feats]
+        kernels = [self.kernel_branch(f) for f in feats]
         return cls_logits, kernels
 
     def get_config(self):

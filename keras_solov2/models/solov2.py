@@ -261,6 +261,38 @@ class SOLOv2(keras.Model):
         cls_logits, kernels = self.instance_head(pyramid)
         return {"cls_logits": cls_logits, "kernels": kernels, "mask_features": mask_features}
 
+    def inference_outputs(self, images):
+        """`call(images, training=False)`, computing kernels only where needed.
+
+        The category branch runs first; a level's kernel branch (half of the
+        head's cost) runs only if some cell of that level passes points-NMS
+        and `score_thr` in some image of the batch, since only those cells'
+        kernels are ever read. Other levels get zero kernels. `decode` of
+        these outputs is identical to `decode(model(images))`.
+
+        Args:
+            images: `(B, H, W, 3)` RGB pixels, H and W multiples of 32.
+
+        Returns:
+            The dict of `call`.
+        """
+        x = (ops.cast(images, self.compute_dtype) - ops.array(PIXEL_MEAN, self.compute_dtype)) / ops.array(
+            PIXEL_STD, self.compute_dtype
+        )
+        pyramid = self.neck(self.feature_extractor(x, training=False))
+        mask_features = self.mask_feature_head(pyramid[:4])
+        head = self.instance_head
+        cls_logits, kernels = [], []
+        for feat in head.level_features(pyramid):
+            logits = head.category_branch(feat)
+            needed = ops.any(postprocess.points_nms(ops.sigmoid(ops.cast(logits, "float32"))) > self.score_thr)
+            zeros = ops.zeros(
+                (ops.shape(feat)[0], feat.shape[1], feat.shape[2], self.mask_out_channels), feat.dtype
+            )
+            kernels.append(ops.cond(needed, lambda f=feat: head.kernel_branch(f), lambda z=zeros: z))
+            cls_logits.append(logits)
+        return {"cls_logits": cls_logits, "kernels": kernels, "mask_features": mask_features}
+
     # ---------------------------------------------------------------- targets
     def assign_targets(self, gt_masks, gt_labels, image_shape=None):
         """Grid targets of one image, as mmdet's `_get_targets_single`.
@@ -562,7 +594,7 @@ class SOLOv2(keras.Model):
         pw = (w + SIZE_DIVISOR - 1) // SIZE_DIVISOR * SIZE_DIVISOR
         mean = ops.array(PIXEL_MEAN, "float32")
         images = ops.pad(images - mean, [[0, 0], [0, ph - h], [0, pw - w], [0, 0]]) + mean
-        decoded = self.decode(self(images, training=False))
+        decoded = self.decode(self.inference_outputs(images))
         # Upsample only the detections (padding entries stay zero): at
         # 800x1344 each float mask is 4 MB.
         n = ops.max(decoded["num_detections"])
