@@ -13,6 +13,7 @@ from keras_solov2.data.coco_folder import (
     make_tfds_dataset,
     split_ids,
 )
+from keras_solov2.data.transforms import PhotoMetricDistortion
 from keras_solov2.data.importers import FORMATS, import_dataset
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "SOLOv2CocoConfig",
     "Solov2Coco",
     "FORMATS",
+    "PhotoMetricDistortion",
     "describe",
     "import_dataset",
     "load_coco",

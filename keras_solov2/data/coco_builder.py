@@ -15,16 +15,50 @@ with `mask` (H, W, 1) {0,1}, contiguous `label`, original `category_id`,
 `bbox` (tfds normalised), `area` (pixels) and `is_crowd` (crowds are kept
 for evaluation; `make_tfds_dataset` leaves them out of the training
 targets). `info.metadata` holds `category_ids` and `class_names` in label
-order. Bad inputs are the same clear errors as `coco_folder`'s.
+order. Bad inputs get the same checks as `coco_folder`'s: clear errors
+naming the file or annotation (missing, unreadable or wrongly sized
+images, paths escaping the root, unknown ids, malformed segmentations),
+logged skips for polygons with fewer than 3 points and zero-area masks,
+every image decoded completely at build time (grayscale, RGBA and 16-bit
+files converted to 8-bit RGB), images without annotations kept.
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from keras_solov2.data.coco_folder import describe, load_coco, safe_image_path, validate_images
+from keras_solov2.data.coco_folder import (
+    check_annotations,
+    clean_segmentation,
+    describe,
+    instance_mask,
+    load_coco,
+    read_rgb,
+    safe_image_path,
+    validate_images,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _is_8bit_rgb_file(path):
+    """Whether tfds can store the file's bytes as they are: an RGB JPEG, or a
+    PNG of 8-bit truecolour (its IHDR; PIL reports 16-bit PNGs as "RGB" too,
+    and tfds' NumPy decoder would truncate their 16-bit values)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        fmt, mode = im.format, im.mode
+    if fmt == "JPEG":
+        return mode == "RGB"
+    if fmt == "PNG":
+        with open(path, "rb") as f:
+            header = f.read(26)
+        return len(header) == 26 and header[24] == 8 and header[25] == 2  # bit depth 8, colour type RGB
+    return False
 
 
 @dataclasses.dataclass
@@ -82,24 +116,28 @@ class Solov2Coco(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(ann, img) for split, (ann, img) in sources.items()}
 
     def _generate_examples(self, annotation_file, image_dir):
-        from PIL import Image
-
         info = describe(annotation_file, image_dir)
         coco = load_coco(annotation_file)
         validate_images(coco, info, info.image_ids)
+        check_annotations(coco, info.image_ids, annotation_file)  # malformed ones fail before any work
         label_of = {c: i for i, c in enumerate(info.category_ids)}
         for image_id in info.image_ids:
             img = coco.imgs[image_id]
             path = safe_image_path(image_dir, img["file_name"], annotation_file)
-            with Image.open(path) as im:
-                rgb_file = im.mode == "RGB" and im.format in ("JPEG", "PNG")
-                image = str(path) if rgb_file else np.asarray(im.convert("RGB"))
+            pixels = read_rgb(path, image_id, annotation_file)  # full decode: corrupt files fail here
+            # 8-bit RGB JPEG/PNG files are stored as they are (no re-encoding);
+            # anything else as the converted pixels.
+            image = str(path) if _is_8bit_rgb_file(path) else pixels
             h, w = img["height"], img["width"]
             objects = []
             for ann in coco.imgToAnns.get(image_id, []):
-                m = coco.annToMask(ann)
+                segmentation, reason = clean_segmentation(ann, h, w, annotation_file)
+                if reason is not None:
+                    continue  # counted and logged by check_annotations
+                m = instance_mask(coco, ann, segmentation, annotation_file)
                 if not m.any():
-                    continue  # zero-area mask: nothing to learn or match
+                    log.warning("%s: annotation %s has a zero-area mask; skipped.", annotation_file, ann.get("id"))
+                    continue  # nothing to learn or match
                 ys, xs = np.nonzero(m)
                 objects.append({
                     "mask": m[..., None],

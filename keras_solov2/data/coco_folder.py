@@ -11,21 +11,39 @@ Batches follow the model's data contract:
 "original_shape": (B, 2), "image_id": (B,)}` and
 `y = {"gt_masks": (B, M, H, W) uint8, "gt_labels": (B, M) int32, -1 = padding}`.
 Images are resized keeping the aspect ratio into `scale` (mmdet
-`Resize(keep_ratio=True)`), masks with nearest-neighbour sampling so they stay
-{0, 1}, and padded at the bottom/right to the fixed `pad_to` size with the
-mean pixel (which the model normalises to 0, as mmdet pads after
-normalisation), so every batch has the same static shape.
+`Resize(keep_ratio=True)`; a list of scales is mmdet's `RandomChoiceResize`),
+masks with nearest-neighbour sampling so they stay {0, 1}, and padded at the
+bottom/right to the fixed `pad_to` size with the mean pixel, so every batch
+has the same static shape; optional random crops and photometric jitter
+(see `transforms`).
+
+Bad inputs fail before training with the file and/or annotation id in the
+message (missing, unreadable or wrongly sized images, unknown ids, paths
+escaping the root, malformed segmentations), or are skipped with a logged
+warning when the rest of the data is still usable: polygons with fewer than
+3 points, annotations without any usable polygon, masks of zero area.
+Images without annotations are kept as negatives.
 """
 
 import contextlib
 import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
+from keras_solov2.data.transforms import (  # noqa: F401  (re-exported: the pipeline's public pieces)
+    PIXEL_MEAN,
+    PhotoMetricDistortion,
+    check_crop,
+    default_pad,
+    normalise_scales,
+    resize_flip_pad,
+    sample_augmentation,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -122,74 +140,177 @@ def validate_images(coco, info, image_ids):
             )
 
 
-def _load_example(coco, info, image_id, max_instances):
+def read_rgb(path, image_id=None, annotation_file="annotations"):
+    """Decodes an image file completely to `(H, W, 3)` uint8 RGB.
+
+    Grayscale, palette, CMYK and RGBA/LA files become RGB through PIL (alpha
+    is dropped, as cv2/mmcv do). 16-bit files: PIL already keeps the high
+    byte of 16-bit RGB(A) PNGs, but its `convert("RGB")` *clips* 16-bit
+    grayscale (modes `I;16*`, and `I`, read as 16-bit data) at 255, which
+    turns most of such an image white; those are scaled to 8 bits here the
+    way cv2's `IMREAD_COLOR` does (`value >> 8`). Float images (mode `F`)
+    have no agreed 0..255 scale and are refused.
+
+    Raises:
+        FileNotFoundError / ValueError naming `annotation_file`, the image id
+        and the file, for a missing, unreadable, truncated or float image.
+        (`validate_images` reads headers only, so a file whose pixel data is
+        corrupt fails when `make_dataset` reads it: this message then is the
+        first line of the `tf.errors.InvalidArgumentError` of the iterator.)
+    """
     from PIL import Image
 
+    where = f"{annotation_file}: image {image_id} file {path}"
+    try:
+        with Image.open(path) as im:
+            im.load()  # the full decode: a truncated file fails here, with its name
+            if im.mode.startswith("I;16") or im.mode == "I":
+                gray = (np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
+            if im.mode == "F":
+                raise ValueError("float (mode F) images have no 0..255 scale; convert it to 8 or 16 bits")
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where} does not exist.") from None
+    except Exception as e:  # PIL's UnidentifiedImageError, OSError("image file is truncated"), ...
+        raise ValueError(f"{where} is not a readable image ({type(e).__name__}: {e}).") from e
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def clean_segmentation(ann, height, width, annotation_file="annotations"):
+    """An annotation's segmentation made safe for pycocotools.
+
+    pycocotools reads a 2-point polygon as a *box* and crashes on a 1-point
+    one or on an empty list, so polygons with fewer than 3 points are
+    dropped here. RLE `size`s must match the image (else pycocotools
+    returns a mask of another shape).
+
+    Args:
+        ann: a COCO annotation dict.
+        height, width: the image size from the JSON.
+
+    Returns:
+        `(segmentation, None)` to use, or `(None, reason)` to skip the
+        annotation (no segmentation, or only degenerate polygons).
+
+    Raises:
+        ValueError naming the annotation id for a malformed segmentation.
+    """
+    where = f"{annotation_file}: annotation {ann.get('id')} (image {ann.get('image_id')})"
+    segm = ann.get("segmentation")
+    if segm is None or (isinstance(segm, (list, dict)) and len(segm) == 0):
+        return None, "no segmentation"
+    if isinstance(segm, dict):
+        segm = [segm]
+        single = True
+    elif isinstance(segm, list):
+        single = False
+    else:
+        raise ValueError(f"{where}: segmentation must be polygons or RLE, got {type(segm).__name__}.")
+    if all(isinstance(p, dict) for p in segm):
+        for rle in segm:
+            if "counts" not in rle or "size" not in rle:
+                raise ValueError(f"{where}: an RLE segmentation needs 'counts' and 'size'.")
+            size = list(rle["size"]) if isinstance(rle["size"], (list, tuple)) else rle["size"]
+            if size != [height, width]:
+                raise ValueError(f"{where}: RLE size {size} differs from the image's {height}x{width}.")
+            counts = rle["counts"]
+            if isinstance(counts, list):  # uncompressed (COCO's crowd regions)
+                if not all(isinstance(c, int) and c >= 0 for c in counts):
+                    raise ValueError(f"{where}: uncompressed RLE counts must be non-negative integers.")
+                if sum(counts) != height * width:
+                    raise ValueError(f"{where}: uncompressed RLE counts sum to {sum(counts)}, "
+                                     f"not {height}x{width} = {height * width}.")
+            elif not isinstance(counts, (str, bytes)):
+                raise ValueError(f"{where}: RLE counts must be a list or a compressed string.")
+        return (segm[0] if single else segm), None
+    if all(_is_number(v) for v in segm):
+        raise ValueError(f"{where}: segmentation is a flat list of numbers; polygons are nested, "
+                         "[[x0, y0, x1, y1, ...], ...].")
+    if not all(isinstance(p, list) for p in segm):
+        raise ValueError(f"{where}: segmentation must be a list of polygons [[x0, y0, ...], ...] or RLE.")
+    for p in segm:
+        if not all(_is_number(v) for v in p):
+            raise ValueError(f"{where}: a polygon has a non-numeric or non-finite coordinate.")
+        if len(p) % 2:
+            raise ValueError(f"{where}: a polygon has an odd number ({len(p)}) of coordinates.")
+    polygons = [p for p in segm if len(p) >= 6]
+    if not polygons:
+        return None, "degenerate polygon (< 3 points)"
+    return (segm if len(polygons) == len(segm) else polygons), None
+
+
+def check_annotations(coco, image_ids, annotation_file="annotations"):
+    """Checks the segmentation of every annotation of `image_ids` up front
+    (no rasterising), so malformed ones fail before training, and logs one
+    summary of the annotations that will be skipped.
+
+    Returns:
+        Dict `annotation id -> reason` of the skipped annotations.
+    """
+    skipped = {}
+    for image_id in image_ids:
+        img = coco.imgs[image_id]
+        for ann in coco.imgToAnns.get(image_id, []):
+            _, reason = clean_segmentation(ann, img.get("height"), img.get("width"), annotation_file)
+            if reason is not None:
+                skipped[ann.get("id")] = reason
+    if skipped:
+        shown = ", ".join(f"{k} ({v})" for k, v in list(skipped.items())[:20])
+        log.warning("%s: skipping %d annotation(s) without a usable segmentation: %s%s", annotation_file,
+                    len(skipped), shown, " ..." if len(skipped) > 20 else "")
+    return skipped
+
+
+def instance_mask(coco, ann, segmentation, annotation_file="annotations"):
+    """`(H, W)` uint8 {0, 1} mask of `ann` with a `clean_segmentation` result."""
+    img = coco.imgs[ann["image_id"]]
+    try:
+        mask = coco.annToMask(dict(ann, segmentation=segmentation))
+    except Exception as e:  # a corrupt compressed RLE string
+        raise ValueError(f"{annotation_file}: annotation {ann.get('id')} (image {ann['image_id']}) "
+                         f"does not decode ({type(e).__name__}: {e}).") from e
+    if mask.shape != (img["height"], img["width"]):
+        raise ValueError(f"{annotation_file}: annotation {ann.get('id')} decodes to a {mask.shape} mask, "
+                         f"not the image's {img['height']}x{img['width']}.")
+    return mask
+
+
+def _load_example(coco, info, image_id, max_instances, warned=None):
+    """Image `(H, W, 3)` uint8, masks `(K, H, W)` uint8 and labels `(K,)`
+    int32 of the first `K <= max_instances` usable non-crowd instances."""
     img_info = coco.imgs[image_id]
     path = safe_image_path(info.image_root, img_info["file_name"], info.annotation_file)
-    with Image.open(path) as im:
-        image = np.asarray(im.convert("RGB"))  # grayscale, RGBA, palette -> RGB
+    image = read_rgb(path, image_id, info.annotation_file)
     h, w = image.shape[:2]
     label_of = {c: i for i, c in enumerate(info.category_ids)}
+    warned = set() if warned is None else warned
     masks, labels = [], []
-    for ann in coco.imgToAnns.get(image_id, []):
-        if ann.get("iscrowd", 0):
-            continue  # crowd regions are ignore regions for COCOeval, not positives
-        m = coco.annToMask(ann)
+    # Crowd regions are ignore regions for COCOeval, not positives.
+    anns = [a for a in coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+    for ann in anns:
+        segmentation, reason = clean_segmentation(ann, h, w, info.annotation_file)
+        if reason is not None:
+            continue  # counted and logged once by check_annotations
+        m = instance_mask(coco, ann, segmentation, info.annotation_file)
         if not m.any():
-            log.warning("%s: annotation %s has an empty mask; skipped.", info.annotation_file, ann["id"])
+            if ann.get("id") not in warned:  # once per annotation, not once per epoch
+                warned.add(ann.get("id"))
+                log.warning("%s: annotation %s has a zero-area mask; skipped.", info.annotation_file, ann.get("id"))
             continue
+        if len(masks) == max_instances:
+            if ("image", image_id) not in warned:
+                warned.add(("image", image_id))
+                log.warning("%s: image %s has more than %d instances; keeping the first %d (max_instances).",
+                            info.annotation_file, image_id, max_instances, max_instances)
+            break
         masks.append(m)
         labels.append(label_of[ann["category_id"]])
-    if len(masks) > max_instances:
-        log.warning("%s: image %s has %d instances; keeping the first %d (max_instances).",
-                    info.annotation_file, image_id, len(masks), max_instances)
-        masks, labels = masks[:max_instances], labels[:max_instances]
-    out_masks = np.zeros((max_instances, h, w), np.uint8)
-    out_labels = -np.ones((max_instances,), np.int32)
-    if masks:
-        out_masks[: len(masks)] = np.stack(masks)
-        out_labels[: len(labels)] = labels
-    return image, out_masks, out_labels
-
-
-def resize_flip_pad(image, masks, labels, original_shape, image_id, flip, scale, pad_to, max_instances):
-    """One example → the model's `(x, y)` contract (see module doc).
-
-    Keep-ratio resize into `scale` (bilinear image, nearest masks, mmcv's
-    rounding), optional horizontal flip, bottom/right padding to `pad_to`
-    with the mean pixel (images) and 0 (masks).
-    """
-    import tensorflow as tf
-
-    long_side, short_side = max(scale), min(scale)
-    ph, pw = pad_to
-    h = tf.cast(original_shape[0], tf.float32)
-    w = tf.cast(original_shape[1], tf.float32)
-    factor = tf.minimum(long_side / tf.maximum(h, w), short_side / tf.minimum(h, w))
-    factor = tf.minimum(factor, tf.minimum(ph / h, pw / w))
-    # mmcv.rescale_size: int(x * factor + 0.5)
-    nh = tf.cast(tf.floor(h * factor + 0.5), tf.int32)
-    nw = tf.cast(tf.floor(w * factor + 0.5), tf.int32)
-    image = tf.image.resize(tf.cast(image, tf.float32), (nh, nw), method="bilinear")
-    masks = tf.image.resize(tf.transpose(masks, (1, 2, 0)), (nh, nw), method="nearest")
-    image = tf.where(flip, image[:, ::-1], image)
-    masks = tf.where(flip, masks[:, ::-1], masks)
-    mean = tf.constant(PIXEL_MEAN, tf.float32)
-    image = tf.pad(image - mean, [[0, ph - nh], [0, pw - nw], [0, 0]]) + mean
-    masks = tf.pad(masks, [[0, ph - nh], [0, pw - nw], [0, 0]])
-    masks = tf.transpose(masks, (2, 0, 1))
-    image.set_shape((ph, pw, 3))
-    masks.set_shape((max_instances, ph, pw))
-    x = {"images": image, "image_shape": tf.stack([nh, nw]), "original_shape": tf.cast(original_shape, tf.int32),
-         "image_id": tf.cast(image_id, tf.int64)}
-    return x, {"gt_masks": masks, "gt_labels": labels}
-
-
-def default_pad(scale):
-    """A square of the long side rounded up to 32: fits landscape and portrait."""
-    side = -(-max(scale) // 32) * 32
-    return (side, side)
+    out_masks = np.stack(masks) if masks else np.zeros((0, h, w), np.uint8)
+    return image, out_masks, np.array(labels, np.int32)
 
 
 class EpochTracker:
@@ -217,39 +338,64 @@ class EpochTracker:
 
 def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_size=2,
                  max_instances=100, training=True, flip_prob=0.5, shuffle_seed=0,
-                 steps_per_epoch=None, epoch_tracker=None):
+                 steps_per_epoch=None, epoch_tracker=None, crop_size=None, crop_type="absolute",
+                 photometric_distortion=None):
     """`tf.data.Dataset` of `(x, y)` batches from a COCO folder (see module doc).
 
-    Training order and flips are a pure function of `(shuffle_seed, position
-    in the stream)`: pass `p` over the images is a permutation seeded by
-    `(shuffle_seed, p)`, and each example's flip by `(shuffle_seed, p, i)`.
-    With an `epoch_tracker` (its callback in `fit`'s list) and
-    `steps_per_epoch`, epoch `e` yields batches `e * steps_per_epoch ...`
-    of that stream, so a run resumed by `BackupAndRestore` sees exactly the
-    data the uninterrupted run would have, and epochs need not align with
-    passes over the images.
+    The training stream is a pure function of `(shuffle_seed, position in
+    the stream)`: pass `p` over the images is a permutation seeded by
+    `(shuffle_seed, p)`, and every random choice for the example at
+    `position` (scale, crop, flip, jitter) is drawn statelessly from the
+    seed `(shuffle_seed, position)`. With an `epoch_tracker` (its callback
+    in `fit`'s list) and `steps_per_epoch`, epoch `e` yields batches
+    `e * steps_per_epoch ...` of that stream, so a run resumed by
+    `BackupAndRestore` sees exactly the data the uninterrupted run would
+    have, and epochs need not align with passes over the images.
 
     Args:
         info: `COCOFolderInfo` from `describe`.
         image_ids: ids to use (default: `info.image_ids`).
-        scale: `(long, short)` keep-ratio resize target, mmdet style.
-        pad_to: `(H, W)` fixed padded size; default: a square of the long
-            side rounded up to a multiple of 32 (fits landscape and portrait).
-        training: shuffle and flip (deterministically); otherwise file order.
+        scale: `(long, short)` keep-ratio resize target, mmdet style, or a
+            list of such pairs of which training picks one per example
+            (mmdet `RandomChoiceResize`, e.g. the 3x schedule's
+            `[(1333, 800), (1333, 768), ..., (1333, 640)]`); evaluation
+            uses the first pair.
+        pad_to: `(H, W)` fixed padded size; default: a square of the
+            longest side of all scales rounded up to a multiple of 32
+            (fits landscape and portrait at every scale).
+        max_instances: instance slots per image (`M` of the contract).
+        training: shuffle and augment (deterministically); otherwise file
+            order, the first scale, no augmentation.
+        flip_prob: probability of a horizontal flip (training).
+        shuffle_seed: the seed of the order and of every augmentation.
         steps_per_epoch: batches per epoch (default: one pass).
         epoch_tracker: an `EpochTracker` whose callback is given to `fit`.
+        crop_size: optional random crop of the source image before the
+            resize (training), `(h, w)` in the units of `crop_type`;
+            instances left without pixels are dropped (label -1).
+        crop_type: `"absolute"`, `"absolute_range"`, `"relative"` or
+            `"relative_range"` (mmdet `RandomCrop`; see
+            `transforms.check_crop`).
+        photometric_distortion: `None`/`False` (default), `True` for
+            mmdet's `PhotoMetricDistortion` defaults, or a dict of its
+            settings / a `PhotoMetricDistortion` (training, image only).
     """
     import tensorflow as tf
 
     coco = load_coco(info.annotation_file)
     ids = list(info.image_ids if image_ids is None else image_ids)
     validate_images(coco, info, ids)
-    long_side, short_side = max(scale), min(scale)
-    ph, pw = pad_to or default_pad(scale)
+    check_annotations(coco, ids, info.annotation_file)
+    scales = normalise_scales(scale)
+    if crop_size is not None:
+        check_crop(crop_size, crop_type)
+    photometric = PhotoMetricDistortion.from_arg(photometric_distortion)
+    ph, pw = pad_to or default_pad(scales)
     n = len(ids)
     if steps_per_epoch is None:
         steps_per_epoch = n // batch_size if training else -(-n // batch_size)
     per_epoch = steps_per_epoch * batch_size if training else n
+    warned = set()
 
     def generate():
         epoch = epoch_tracker.epoch if epoch_tracker is not None else 0
@@ -257,24 +403,28 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
             if training:
                 passes, i = divmod(position, n)
                 image_id = ids[np.random.default_rng([shuffle_seed, passes]).permutation(n)[i]]
-                flip = bool(np.random.default_rng([shuffle_seed, passes, i]).random() < flip_prob)
             else:
-                image_id, flip = ids[position], False
-            image, masks, labels = _load_example(coco, info, image_id, max_instances)
-            yield image, masks, labels, np.array(image.shape[:2], np.int32), np.int64(image_id), flip
+                image_id = ids[position]
+            image, masks, labels = _load_example(coco, info, image_id, max_instances, warned)
+            yield image, masks, labels, np.array(image.shape[:2], np.int32), np.int64(image_id), np.int64(position)
 
     sig = (
         tf.TensorSpec((None, None, 3), tf.uint8),
-        tf.TensorSpec((max_instances, None, None), tf.uint8),
-        tf.TensorSpec((max_instances,), tf.int32),
+        tf.TensorSpec((None, None, None), tf.uint8),  # only the real instances: resizing is per mask
+        tf.TensorSpec((None,), tf.int32),
         tf.TensorSpec((2,), tf.int32),
         tf.TensorSpec((), tf.int64),
-        tf.TensorSpec((), tf.bool),
+        tf.TensorSpec((), tf.int64),
     )
 
-    def transform(image, masks, labels, original_shape, image_id, flip):
-        return resize_flip_pad(image, masks, labels, original_shape, image_id, flip,
-                               (long_side, short_side), (ph, pw), max_instances)
+    def transform(image, masks, labels, original_shape, image_id, position):
+        if training:
+            seed = tf.stack([tf.constant(shuffle_seed, tf.int64), position])
+            aug = sample_augmentation(seed, original_shape, scales, flip_prob, crop_size, crop_type, photometric)
+        else:
+            aug = {"scale": scales[0], "flip": tf.constant(False)}
+        return resize_flip_pad(image, masks, labels, original_shape, image_id, pad_to=(ph, pw),
+                               max_instances=max_instances, **aug)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=sig)
     # A known length lets `fit` size epochs and progress bars.
@@ -284,17 +434,24 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
 
 
 def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_instances=100,
-                      training=True, flip_prob=0.5, seed=0):
+                      training=True, flip_prob=0.5, seed=0, crop_size=None, crop_type="absolute",
+                      photometric_distortion=None):
     """The same `(x, y)` batches from a `solov2_coco` tfds split.
 
     Crowd instances are left out of the targets; the first `max_instances`
-    others are kept. Flips are seeded by `(seed, index in the split)`.
-    Shuffle `ds` (e.g. `tfds.load(..., shuffle_files=True)` /
-    `ds.shuffle(n, seed)`) before passing it for training.
+    others are kept. Every random choice (scale, crop, flip, jitter) is
+    drawn statelessly from the seed `(seed, index in ds)`. Shuffle `ds`
+    (e.g. `tfds.load(..., shuffle_files=True)` / `ds.shuffle(n, seed)`)
+    before passing it for training. The other arguments are
+    `make_dataset`'s.
     """
     import tensorflow as tf
 
-    pad_to = pad_to or default_pad(scale)
+    scales = normalise_scales(scale)
+    if crop_size is not None:
+        check_crop(crop_size, crop_type)
+    photometric = PhotoMetricDistortion.from_arg(photometric_distortion)
+    pad_to = pad_to or default_pad(scales)
 
     def prepare(index, ex):
         objects = ex["objects"]
@@ -302,16 +459,14 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
         hw = tf.shape(ex["image"])[:2]
         masks = tf.reshape(tf.boolean_mask(objects["mask"], keep), (-1, hw[0], hw[1]))
         labels = tf.cast(tf.boolean_mask(objects["label"], keep), tf.int32)
-        n = tf.minimum(tf.shape(labels)[0], max_instances)
-        masks = tf.pad(masks[:n], [[0, max_instances - n], [0, 0], [0, 0]])
-        labels = tf.pad(labels[:n], [[0, max_instances - n]], constant_values=-1)
-        if training and flip_prob > 0:
-            u = tf.random.stateless_uniform((), seed=tf.stack([tf.cast(seed, tf.int64), index]))
-            flip = u < flip_prob
+        masks, labels = masks[:max_instances], labels[:max_instances]
+        if training:
+            example_seed = tf.stack([tf.constant(seed, tf.int64), index])
+            aug = sample_augmentation(example_seed, hw, scales, flip_prob, crop_size, crop_type, photometric)
         else:
-            flip = tf.constant(False)
-        return resize_flip_pad(ex["image"], masks, labels, hw, ex["image/id"], flip, scale, pad_to,
-                               max_instances)
+            aug = {"scale": scales[0], "flip": tf.constant(False)}
+        return resize_flip_pad(ex["image"], masks, labels, hw, ex["image/id"], pad_to=pad_to,
+                               max_instances=max_instances, **aug)
 
     ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)

@@ -1,5 +1,9 @@
+import json
+
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 import keras_solov2  # noqa: F401
 from keras_solov2.data import SOLOv2CocoConfig, load_coco, make_tfds_dataset
@@ -36,3 +40,76 @@ def test_tfds_build_of_real_coco_subset(shared_dir, tmp_path):
     assert x["images"].shape == (2, 320, 320, 3) and y["gt_masks"].shape == (2, 50, 320, 320)
     labels = np.asarray(y["gt_labels"])
     assert (labels >= 0).any() and set(np.unique(np.asarray(y["gt_masks"]))) <= {0, 1}
+
+
+def _build(folder, data_dir, images, anns):
+    (folder / "ann.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                 "categories": [{"id": 1, "name": "a"}]}))
+    config = SOLOv2CocoConfig(name="odd", annotation_file=str(folder / "ann.json"), image_dir=str(folder))
+    builder = tfds.builder("solov2_coco", config=config, data_dir=str(data_dir))
+    builder.download_and_prepare()
+    return builder
+
+
+def test_tfds_builder_converts_odd_images_and_skips_unusable_annotations(tmp_path, caplog):
+    from tests.data.test_coco_folder import _odd_images, _rle
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    expected = _odd_images(folder)
+    images = [{"id": i + 1, "file_name": n, "height": 20, "width": 30} for i, n in enumerate(expected)]
+    crowd = np.zeros((20, 30), np.uint8)
+    crowd[10:, 20:] = 1
+    anns = [{"id": k, "image_id": 1, "category_id": 1, "segmentation": s, "area": 1, "bbox": [0, 0, 1, 1],
+             "iscrowd": int(k == 4)}
+            for k, s in [(1, [[1, 1, 10, 1, 10, 10]]), (2, [[1, 1, 10, 1]]), (3, [[1, 1, 5, 5, 9, 9]]),
+                         (4, _rle(crowd))]]
+    with caplog.at_level("WARNING"):
+        builder = _build(folder, tmp_path / "tfds", images, anns)
+    assert "skipping 1 annotation(s)" in caplog.text and "2 (degenerate polygon" in caplog.text
+    assert "annotation 3 has a zero-area mask" in caplog.text
+    ds = builder.as_dataset(split="train")
+    seen = {}
+    for ex in tfds.as_numpy(ds):
+        seen[ex["image/filename"].decode()] = ex
+        assert ex["image"].shape == (20, 30, 3) and ex["image"].dtype == np.uint8
+    assert sorted(seen) == sorted(expected)  # images without annotations are kept
+    for name, rgb in expected.items():
+        assert tuple(seen[name]["image"][0, 0]) == rgb, name
+    objs = seen["gray.png"]["objects"]
+    assert list(objs["is_crowd"]) == [False, True] and objs["mask"][1, 10:, 20:].all()
+    assert all(len(seen[n]["objects"]["label"]) == 0 for n in expected if n != "gray.png")
+    # Negatives go through the pipeline too (crowd left out of the targets).
+    x, y = next(iter(make_tfds_dataset(ds, scale=(32, 32), batch_size=6, max_instances=2, training=False)))
+    labels = np.asarray(y["gt_labels"])
+    assert labels.shape == (6, 2) and (labels >= 0).sum() == 1
+
+
+def test_tfds_builder_errors_name_the_file_and_annotation(tmp_path):
+    poly = {"segmentation": [[1, 1, 10, 1, 10, 10]], "area": 40, "bbox": [1, 1, 9, 9], "iscrowd": 0}
+    image = {"id": 1, "file_name": "ok.png", "height": 20, "width": 30}
+    cases = [
+        ("missing", [dict(image, file_name="missing.png")], [], FileNotFoundError,
+         r"image 1 file .*missing\.png does not exist"),
+        ("corrupt", [dict(image, file_name="bad.png")], [], ValueError, r"image 1 file .*bad\.png is not a readable"),
+        ("truncated", [dict(image, file_name="t.png")], [], ValueError, r"image 1 file .*t\.png .*truncated"),
+        ("size", [dict(image, height=21)], [], ValueError, r"image 1 \(ok\.png\) is 20x30 but the JSON says 21x30"),
+        ("escape", [dict(image, file_name="../ok.png")], [], ValueError, r"'\.\./ok\.png' escapes the image root"),
+        ("category", [image], [dict(poly, id=7, image_id=1, category_id=99)], ValueError,
+         r"annotation 7 has unknown category_id 99"),
+        ("image_id", [image], [dict(poly, id=8, image_id=5, category_id=1)], ValueError,
+         r"annotation 8 refers to unknown image_id 5"),
+        ("polygon", [image], [dict(poly, id=9, image_id=1, category_id=1, segmentation=[1, 1, 10, 1, 10, 10])],
+         ValueError, r"annotation 9 \(image 1\): segmentation is a flat list"),
+    ]
+    for name, images, anns, err, pattern in cases:
+        folder = tmp_path / name / "images"
+        folder.mkdir(parents=True)
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / "ok.png")
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / name / "ok.png")  # outside the root
+        (folder / "bad.png").write_bytes(b"not an image" * 20)
+        noise = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / "t.png")
+        (folder / "t.png").write_bytes((folder / "t.png").read_bytes()[:600])
+        with pytest.raises(err, match=r"ann\.json.*" + pattern):
+            _build(folder, tmp_path / name / "tfds", images, anns)

@@ -115,3 +115,138 @@ def test_bad_inputs_name_the_file_and_annotation(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="broken.json: not a readable COCO"):
         describe(tmp_path / "broken.json", tmp_path)
+
+
+def test_corrupt_and_truncated_images_name_the_file(tmp_path):
+    import tensorflow as tf
+
+    poly = {"segmentation": [[1, 1, 10, 1, 10, 10]], "area": 40, "bbox": [1, 1, 9, 9], "iscrowd": 0}
+    (tmp_path / "bad.png").write_bytes(b"this is not an image" * 10)
+    ann = _write(tmp_path, [{"id": 1, "file_name": "bad.png", "height": 20, "width": 30}],
+                 [dict(poly, id=1, image_id=1, category_id=1)])
+    with pytest.raises(ValueError, match=r"ann\.json: image 1 file .*bad\.png is not a readable image"):
+        make_dataset(describe(ann, tmp_path), batch_size=1, scale=(64, 64), training=False)
+    # A valid header with half the data passes the header check and fails,
+    # with its name, when the pipeline reads it.
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    ann = _write(tmp_path, [{"id": 4, "file_name": "t.png", "height": 20, "width": 30}],
+                 [dict(poly, id=1, image_id=4, category_id=1)])
+    ds = make_dataset(describe(ann, tmp_path), batch_size=1, scale=(64, 64), training=False)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"image 4 file .*t\.png is not a readable image.*truncated"):
+        next(iter(ds))
+
+
+def _rle(mask):
+    from pycocotools import mask as mu
+
+    rle = mu.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def test_degenerate_polygons_and_zero_area_masks_are_logged_skips(tmp_path, caplog):
+    from pycocotools.coco import COCO
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "ok.png")
+    good = [1, 1, 10, 1, 10, 10]
+    segs = {
+        1: [good],
+        2: [[1, 1, 10, 1]],  # 2 points: pycocotools would read it as a box (and crash)
+        3: [[1, 1]],  # 1 point: pycocotools raises
+        4: [],  # nothing
+        5: [[1, 1, 5, 5, 9, 9]],  # 3 collinear points: a zero-area mask
+        6: [[2, 12, 20, 12, 20, 18], [3, 3, 4, 4]],  # one usable polygon: kept, the other dropped
+        7: _rle(np.zeros((20, 30))),  # an all-zero RLE
+    }
+    anns = [{"id": k, "image_id": 1, "category_id": 1, "segmentation": s, "area": 1, "bbox": [0, 0, 1, 1],
+             "iscrowd": 0} for k, s in segs.items()]
+    ann = _write(tmp_path, [{"id": 1, "file_name": "ok.png", "height": 20, "width": 30}], anns)
+    with caplog.at_level("WARNING"):
+        (x, y), = make_dataset(describe(ann, tmp_path), batch_size=1, scale=(30, 20), max_instances=8,
+                               training=False)
+    log = caplog.text
+    assert "skipping 3 annotation(s)" in log and "2 (degenerate polygon (< 3 points))" in log
+    assert "3 (degenerate polygon" in log and "4 (no segmentation)" in log
+    assert "annotation 5 has a zero-area mask" in log and "annotation 7 has a zero-area mask" in log
+    labels, masks = np.asarray(y["gt_labels"][0]), np.asarray(y["gt_masks"][0])
+    assert (labels >= 0).sum() == 2  # annotations 1 and 6
+    coco = COCO(str(ann))
+    np.testing.assert_array_equal(masks[0, :20, :30], coco.annToMask(coco.anns[1]))
+    only_good = dict(coco.anns[6], segmentation=[segs[6][0]])
+    np.testing.assert_array_equal(masks[1, :20, :30], coco.annToMask(only_good))
+
+
+def test_malformed_segmentations_name_the_annotation(tmp_path):
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "ok.png")
+    for seg, pattern in [
+        ([1, 1, 10, 1, 10, 10], r"annotation 9 \(image 1\): segmentation is a flat list"),
+        ([[1, 1, 10, 1, 10]], r"annotation 9 \(image 1\): a polygon has an odd number \(5\)"),
+        ([[1, 1, 10, "a", 10, 10]], r"annotation 9 \(image 1\): a polygon has a non-numeric"),
+        (_rle(np.ones((21, 30))), r"annotation 9 \(image 1\): RLE size \[21, 30\] differs from the image's 20x30"),
+        ({"counts": [5, 3], "size": [20, 30]}, r"annotation 9 \(image 1\): uncompressed RLE counts sum to 8"),
+        ("polygon", r"annotation 9 \(image 1\): segmentation must be polygons or RLE"),
+    ]:
+        ann = _write(tmp_path, [{"id": 1, "file_name": "ok.png", "height": 20, "width": 30}],
+                     [{"id": 9, "image_id": 1, "category_id": 1, "segmentation": seg, "area": 1,
+                       "bbox": [0, 0, 1, 1], "iscrowd": 0}])
+        with pytest.raises(ValueError, match=r"ann\.json: " + pattern):
+            make_dataset(describe(ann, tmp_path), batch_size=1, scale=(64, 64), training=False)
+
+
+def _odd_images(folder):
+    """Image files PIL's convert("RGB") gets right (grayscale, RGBA, palette)
+    or wrong (16-bit grayscale clips at 255), and their expected RGB pixel."""
+    import tensorflow as tf
+
+    Image.fromarray(np.full((20, 30), 77, np.uint8)).save(folder / "gray.png")
+    Image.fromarray(np.full((20, 30, 4), (10, 20, 30, 0), np.uint8)).save(folder / "rgba.png")
+    Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(folder / "gray16.png")  # PIL mode I;16
+    rgb16 = np.zeros((20, 30, 3), np.uint16) + np.array([40000, 1000, 65535], np.uint16)
+    tf.io.write_file(str(folder / "rgb16.png"), tf.io.encode_png(rgb16))
+    orange = Image.fromarray(np.full((20, 30, 3), (200, 100, 0), np.uint8))
+    orange.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(np.full((20, 30), 1234, np.uint16)).save(folder / "gray16.tif")
+    return {"gray.png": (77, 77, 77), "rgba.png": (10, 20, 30), "gray16.png": (156, 156, 156),
+            "rgb16.png": (156, 3, 255), "palette.png": (200, 100, 0), "gray16.tif": (4, 4, 4)}
+
+
+def test_grayscale_rgba_and_16bit_images_become_8bit_rgb(tmp_path):
+    from keras_solov2.data.coco_folder import read_rgb
+
+    expected = _odd_images(tmp_path)
+    assert Image.open(tmp_path / "gray16.png").convert("RGB").getpixel((0, 0)) == (255, 255, 255)  # PIL's clip
+    for name, rgb in expected.items():
+        pixels = read_rgb(tmp_path / name)
+        assert pixels.dtype == np.uint8 and pixels.shape == (20, 30, 3), name
+        assert tuple(pixels[0, 0]) == rgb, (name, pixels[0, 0])
+    images = [{"id": i + 1, "file_name": n, "height": 20, "width": 30} for i, n in enumerate(expected)]
+    ann = _write(tmp_path, images, [])
+    ds = make_dataset(describe(ann, tmp_path), batch_size=1, scale=(30, 20), training=False)
+    for (x, _), rgb in zip(ds, expected.values()):
+        np.testing.assert_allclose(np.asarray(x["images"][0, :20, :30]), np.broadcast_to(rgb, (20, 30, 3)))
+    Image.fromarray(np.full((20, 30), 0.5, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"image 3 file .*float\.tif is not a readable image.*mode F"):
+        read_rgb(tmp_path / "float.tif", 3, "ann.json")
+
+
+def test_images_without_annotations_are_kept_as_negatives(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / name)
+    poly = {"segmentation": [[1, 1, 10, 1, 10, 10]], "area": 40, "bbox": [1, 1, 9, 9], "iscrowd": 0}
+    ann = _write(tmp_path, [{"id": 1, "file_name": "a.png", "height": 20, "width": 30},
+                            {"id": 2, "file_name": "b.png", "height": 20, "width": 30}],
+                 [dict(poly, id=1, image_id=1, category_id=1)])
+    info = describe(ann, tmp_path)
+    assert info.image_ids == [1, 2]
+    (x, y), = make_dataset(info, batch_size=2, scale=(30, 20), max_instances=3, training=False)
+    assert list(np.asarray(x["image_id"])) == [1, 2]
+    labels = np.asarray(y["gt_labels"])
+    assert list(labels[0]) == [0, -1, -1] and list(labels[1]) == [-1, -1, -1]
+    assert not np.asarray(y["gt_masks"][1]).any()
+    # Training keeps them too (and crops of the positive may make more).
+    batches = list(make_dataset(info, batch_size=2, scale=(30, 20), max_instances=3, crop_size=(0.3, 0.3),
+                                crop_type="relative_range"))
+    assert len(batches) == 1 and sorted(np.asarray(batches[0][0]["image_id"])) == [1, 2]
