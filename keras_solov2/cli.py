@@ -101,6 +101,9 @@ def _cmd_assign(args):
 
 
 def main(argv=None):
+    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) is noise on a
+    # command line; an explicit TF_CPP_MIN_LOG_LEVEL still wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(prog="keras-solov2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -16,24 +16,38 @@ from pathlib import Path
 def _data_args(p):
     p.add_argument("--annotations", required=True, help="COCO instances JSON")
     p.add_argument("--images", required=True, help="image root folder of the JSON's file_names")
-    p.add_argument("--scale", default="1333,800", help="keep-ratio resize (long,short), mmdet style")
+    p.add_argument("--scale", default="1333,800",
+                   help="keep-ratio resize LONG,SHORT (mmdet style); several separated by ';' for "
+                        "multi-scale training, e.g. '1333,800;1333,768;1333,736;1333,704;1333,672;1333,640' "
+                        "(mmdet's 3x); evaluation uses the first")
     p.add_argument("--max-instances", type=int, default=100)
 
 
 def _scale(text):
-    a, b = (int(v) for v in text.split(","))
-    return (a, b)
+    """`"1333,800"` → `(1333, 800)`; `"1333,800;1333,640"` → a list of pairs."""
+    try:
+        pairs = [tuple(int(v) for v in part.split(",")) for part in text.split(";") if part.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"--scale {text!r}: expected LONG,SHORT or LONG,SHORT;LONG,SHORT;...")
+    return pairs[0] if len(pairs) == 1 else pairs
 
 
 def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, scale=(1333, 800),
           max_instances=100, schedule="1x", eval_every=1, base_lr=0.01, warmup_steps=500,
-          steps_per_epoch=None, seed=0, optimizer=None, callbacks=None):
+          steps_per_epoch=None, seed=0, optimizer=None, callbacks=None, crop_size=None,
+          crop_type="absolute", photometric_distortion=None):
     """`model.fit` with mmdet's optimiser/schedule and the standard callbacks.
 
     A run killed at any point resumes (same command, same `output_dir`)
     from its last epoch boundary with the weights, optimizer state, LR and
     data position it had there. Use `steps_per_epoch` to make epochs (and
-    so backups) shorter than a pass over the data.
+    so backups) shorter than a pass over the data. (Keras's integer
+    `save_freq` restores mid-epoch weights but restarts that epoch's data,
+    which would repeat batches; epoch-sized backups resume exactly.)
+    `scale`, `crop_size`, `crop_type` and `photometric_distortion` are
+    `make_dataset`'s.
     """
     import keras
 
@@ -47,7 +61,8 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     tracker = EpochTracker()
     train_ds = make_dataset(info, train_ids, scale=scale, batch_size=batch_size,
                             max_instances=max_instances, training=True, shuffle_seed=seed,
-                            steps_per_epoch=steps, epoch_tracker=tracker)
+                            steps_per_epoch=steps, epoch_tracker=tracker, crop_size=crop_size,
+                            crop_type=crop_type, photometric_distortion=photometric_distortion)
     lr, default_epochs = solov2_schedule(batch_size, steps, schedule, base_lr, warmup_steps)
     if epochs != default_epochs:  # keep mmdet's milestones at the same fractions
         fractions = [m / (default_epochs * steps) for m in lr.milestones]
@@ -71,6 +86,13 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     return history
 
 
+def _pair(text):
+    if text is None:
+        return None
+    a, b = text.split(",")
+    return (float(a), float(b)) if "." in text else (int(a), int(b))
+
+
 def _cmd_train(args):
     from keras_solov2.cli import _load_model
     from keras_solov2.data.coco_folder import describe, split_ids
@@ -81,7 +103,8 @@ def _cmd_train(args):
     print(f"{len(train_ids)} training / {len(val_ids)} validation images, {info.num_classes} classes")
     train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
           _scale(args.scale), args.max_instances, args.schedule,
-          steps_per_epoch=args.steps_per_epoch, seed=args.seed)
+          steps_per_epoch=args.steps_per_epoch, seed=args.seed,
+          crop_size=_pair(args.crop_size), crop_type=args.crop_type, photometric_distortion=args.photometric)
     (Path(args.output) / "split.json").write_text(json.dumps({"train": train_ids, "val": val_ids}))
 
 
@@ -120,6 +143,11 @@ def add_subcommands(sub):
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crop-size", default=None,
+                   help="random crop H,W before the resize (pixels, or fractions with --crop-type relative*)")
+    p.add_argument("--crop-type", default="absolute",
+                   choices=["absolute", "absolute_range", "relative", "relative_range"])
+    p.add_argument("--photometric", action="store_true", help="mmdet's PhotoMetricDistortion")
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="batches per epoch (= backup interval); default one pass over the images")
     p.set_defaults(func=_cmd_train)
