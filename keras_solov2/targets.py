@@ -79,8 +79,11 @@ def rescale_masks(masks, mask_stride=4):
     out_w = int(in_w / mask_stride + 0.5)
     y0, y1, wy0, wy1 = _cv2_linear_taps(in_h, out_h)
     x0, x1, wx0, wx1 = _cv2_linear_taps(in_w, out_w)
-    m = ops.cast(masks, "float32")
-    rows = ops.take(m, y0, axis=-2) * wy0[:, None] + ops.take(m, y1, axis=-2) * wy1[:, None]
+    # Gather the taps from the uint8 masks first: only the (H/4, W) row
+    # samples are ever widened to float32, never the full masks.
+    masks = ops.cast(masks, "uint8")
+    rows = (ops.cast(ops.take(masks, y0, axis=-2), "float32") * wy0[:, None]
+            + ops.cast(ops.take(masks, y1, axis=-2), "float32") * wy1[:, None])
     full = ops.take(rows, x0, axis=-1) * wx0 + ops.take(rows, x1, axis=-1) * wx1
     half = float(_CV2_COEF_SCALE * _CV2_COEF_SCALE // 2)
     return ops.cast(full >= half, "uint8")
@@ -98,10 +101,9 @@ def instance_geometry(gt_masks):
         `center_h`, `center_w` (float32 pixels in the padded image).
     """
     h, w = gt_masks.shape[-2], gt_masks.shape[-1]
-    m = ops.cast(gt_masks, "float32")
-    # Row/column counts are integers < 2**24, exact in float32.
-    rows = ops.cast(ops.sum(m, axis=-1), "int64")  # (..., H)
-    cols = ops.cast(ops.sum(m, axis=-2), "int64")  # (..., W)
+    # Counting on the 0/1 masks as they are: no float copy of (B, M, H, W).
+    rows = ops.cast(ops.count_nonzero(gt_masks, axis=-1), "int64")  # (..., H)
+    cols = ops.cast(ops.count_nonzero(gt_masks, axis=-2), "int64")  # (..., W)
     area = ops.sum(rows, axis=-1)
     row_any = ops.cast(rows > 0, "int32")
     col_any = ops.cast(cols > 0, "int32")

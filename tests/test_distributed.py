@@ -26,7 +26,9 @@ SCRIPT = textwrap.dedent(
             else tf.distribute.get_strategy()
         with strategy.scope():
             model = tiny_model(frozen_stages=-1, norm_eval=True)
-            model.compile(optimizer=keras.optimizers.SGD(0.01), weight_decay=0.0, grad_clip_norm=None)
+            # mmdet's weight decay, and a clip norm small enough to bind: both
+            # must act on the global batch's gradient, not on each replica's.
+            model.compile(optimizer=keras.optimizers.SGD(0.01), weight_decay=1e-4, grad_clip_norm=0.5)
         before = [np.asarray(v).ravel()[:50] for v in model.trainable_variables[-6:]]
         ds = tf.data.Dataset.from_tensor_slices((images, y)).batch(4)
         hist = model.fit(ds, epochs=1, verbose=0)

@@ -19,7 +19,11 @@ SETTINGS = {
 def test_matches_mmdet_fixtures(fixtures_dir, case, kernel, setting):
     z = np.load(fixtures_dir / f"matrix_nms_case{case}.npz")
     params = json.loads(str(z["params_json"]))
-    assert params  # the recorded call exists
+    # The recorded call is the one replayed here.
+    assert params["case"]["n"] == len(z["masks"]) and params["sigma"] == 2.0
+    mm = params["settings"][setting]
+    assert (mm["filter_thr"], mm["nms_pre"], mm["max_num"]) == tuple(
+        SETTINGS[setting][k] for k in ("filter_thr", "nms_pre", "max_per_img"))
     out = MatrixNMS(kernel=kernel, **SETTINGS[setting])(z["masks"], z["labels"], z["scores"])
     n = int(out["num_detections"])
     ref_ids = z[f"{kernel}_{setting}_keep_inds"]
@@ -29,7 +33,9 @@ def test_matches_mmdet_fixtures(fixtures_dir, case, kernel, setting):
     np.testing.assert_allclose(
         np.asarray(out["scores"])[:n], z[f"{kernel}_{setting}_scores"], rtol=0, atol=1e-6
     )
-    # Padding past the detections.
+    # Padding past the detections, to a static max_per_img.
+    if SETTINGS[setting]["max_per_img"] > 0:
+        assert out["indices"].shape == out["scores"].shape == out["labels"].shape == (100,)
     assert np.all(np.asarray(out["indices"])[n:] == -1)
     assert np.all(np.asarray(out["scores"])[n:] == 0)
     if setting == "raw":

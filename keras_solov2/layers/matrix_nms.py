@@ -216,7 +216,7 @@ class MatrixNMS(keras.layers.Layer):
         indices = ops.where(top_keep, ops.take_along_axis(order, top, axis=1), -1)
         out_labels = ops.where(top_keep, ops.take_along_axis(s_labels, top, axis=1), -1)
         out_scores = ops.where(top_keep, top_scores, 0.0)
-        if dynamic and self.max_per_img > 0:
+        if self.max_per_img > 0 and (dynamic or k < self.max_per_img):
             pad = [[0, 0], [0, self.max_per_img - k]]
             indices = ops.pad(indices, pad, constant_values=-1)
             out_labels = ops.pad(out_labels, pad, constant_values=-1)

@@ -351,6 +351,7 @@ class SOLOv2(keras.Model):
             `loss_mask_weight`, summed over positive pairs / num_pos) and
             `num_pos` (this batch's unique positive cells).
         """
+        gt_labels = self._check_labels(gt_labels)
         t = self._targets(gt_masks, gt_labels)
         local_pos = ops.cast(t["num_pos"], "float32")
         num_pos = local_pos if reduce_num_pos is None else reduce_num_pos(local_pos)
@@ -405,6 +406,17 @@ class SOLOv2(keras.Model):
             "loss_mask": loss_mask,
             "num_pos": local_pos,
         }
+
+    def _check_labels(self, gt_labels):
+        # A label past num_classes would silently become background.
+        gt_labels = ops.cast(gt_labels, "int32")
+        check = tf.debugging.assert_less(
+            gt_labels, self.num_classes,
+            message=f"gt_labels must be -1 (padding) or in [0, {self.num_classes}) for this "
+                    f"{self.num_classes}-class model; the dataset has more classes than the model",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(gt_labels)
 
     # -------------------------------------------------------------- inference
     def decode(self, outputs):
@@ -469,19 +481,38 @@ class SOLOv2(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.loss_cls_tracker, self.loss_mask_tracker]
 
-    def compile(self, optimizer=None, weight_decay=1e-4, grad_clip_norm=35.0, **kwargs):
+    def compile(self, optimizer=None, weight_decay=1e-4, grad_clip_norm=35.0, global_batch_size=None,
+                steps_per_epoch=None, schedule="1x", **kwargs):
         """Compiles with mmdet's SOLOv2 training defaults.
 
         Args:
-            optimizer: a Keras optimizer; default SGD(lr 0.01, momentum 0.9).
+            optimizer: a Keras optimizer; default SGD(momentum 0.9) with
+                mmdet's learning rate: 0.01 per 16 images, scaled linearly
+                with `global_batch_size`, linear warm-up over 500 steps from
+                1/3, and (when `steps_per_epoch` is known) ×0.1 at epochs
+                8 and 11 (`schedule="1x"`) or 27 and 33 (`"3x"`); see
+                `keras_solov2.schedules.solov2_schedule`. Without
+                `global_batch_size` the rate is mmdet's 0.01 (16 images).
             weight_decay: L2 coefficient added to the gradients of conv and
                 dense kernels (not norm γ/β nor biases) after clipping, as
                 torch's SGD does.
-            grad_clip_norm: clip the gradients' global norm (mmdet 35);
-                `None` disables.
+            grad_clip_norm: clip the global gradient norm (over all
+                replicas, as mmdet clips after the all-reduce) to this
+                (mmdet 35); `None` disables.
+            global_batch_size: images per optimizer step over all replicas.
+            steps_per_epoch: optimizer steps per epoch (for the decay steps).
+            schedule: `"1x"` or `"3x"`.
         """
+        from keras_solov2.schedules import SCHEDULES, WarmupMultiStepDecay, solov2_schedule
+
         if optimizer is None:
-            optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
+            if steps_per_epoch is not None:
+                lr, _ = solov2_schedule(global_batch_size or 16, steps_per_epoch, schedule)
+            else:
+                if schedule not in SCHEDULES:
+                    raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}.")
+                lr = WarmupMultiStepDecay(0.01 * (global_batch_size or 16) / 16.0, milestones=[])
+            optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
         self.weight_decay = float(weight_decay or 0.0)
         self.grad_clip_norm = None if grad_clip_norm is None else float(grad_clip_norm)
         super().compile(optimizer=optimizer, **kwargs)
@@ -508,11 +539,26 @@ class SOLOv2(keras.Model):
         scale = getattr(self.optimizer, "dynamic_scale", None)
         if scale is not None:
             grads = [g / ops.cast(scale, g.dtype) for g in grads]
+        # Under tf.distribute each replica holds a share of the gradient that
+        # the optimizer sums: clip by the norm of that sum, and add each
+        # replica's share of the weight decay.
+        ctx = tf.distribute.get_replica_context()
+        replicas = 1 if ctx is None else ctx.num_replicas_in_sync
         if self.grad_clip_norm is not None:
-            grads, _ = tf.clip_by_global_norm(grads, self.grad_clip_norm)
+            squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, "float32"))) for g in grads])
+            if replicas > 1:
+                # The norm of the summed gradient is not a sum of the
+                # replicas' norms: reduce once more (the optimizer reduces
+                # the clipped shares again) to measure it exactly.
+                summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+                squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, "float32"))) for g in summed])
+            # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) if below 1.
+            factor = tf.minimum(1.0, self.grad_clip_norm / (tf.sqrt(squares) + 1e-6))
+            grads = [g * tf.cast(factor, g.dtype) for g in grads]
         if self.weight_decay:
+            decay = self.weight_decay / replicas
             grads = [
-                g + self.weight_decay * ops.cast(v, g.dtype) if self._decays(v) else g
+                g + decay * ops.cast(v, g.dtype) if self._decays(v) else g
                 for g, v in zip(grads, variables)
             ]
         if scale is not None:
