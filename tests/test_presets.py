@@ -144,3 +144,17 @@ def test_local_pth_preset(fixtures_dir, tmp_path):
     model = SOLOv2.from_preset(str(tmp_path / "tiny.pth"), norm_groups=8)
     image = z["input_uint8_bgr_chw"][::-1].transpose(1, 2, 0)[None].astype("float32")
     np.testing.assert_allclose(np.asarray(model(image)["mask_features"]).transpose(0, 3, 1, 2), z["mask_feats"], atol=1e-4)
+
+
+def test_keras_file_as_preset_for_fine_tuning(tmp_path):
+    model = tiny_model(class_names=["a", "b", "c"])
+    model.save(tmp_path / "m.keras")
+    tuned = SOLOv2.from_preset(str(tmp_path / "m.keras"), num_classes=2, class_names=["x", "y"], frozen_stages=4)
+    assert tuned.num_classes == 2 and tuned.class_names == ["x", "y"]
+    frozen = [w for w in tuned.backbone.weights if w.path.startswith(("conv1", "stack3"))]
+    assert tuned.frozen_stages == 4 and frozen and not any(w.trainable for w in frozen)
+    assert model.backbone.get_layer("stack3_block0_1_conv").trainable  # the saved model's was not frozen
+    np.testing.assert_array_equal(np.asarray(tuned.instance_head.conv_kernel.kernel),
+                                  np.asarray(model.instance_head.conv_kernel.kernel))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SOLOv2.from_preset(str(tmp_path / "missing.keras"))

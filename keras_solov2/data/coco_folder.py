@@ -28,6 +28,7 @@ Images without annotations are kept as negatives.
 import contextlib
 import io
 import logging
+import os
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +92,15 @@ def load_coco(annotation_file):
 
 
 def safe_image_path(image_root, file_name, annotation_file="annotations"):
-    """`image_root / file_name`, refusing absolute paths and `..` escapes."""
-    root = Path(image_root).resolve()
-    path = (root / file_name).resolve()
+    """`image_root / file_name`, refusing absolute paths and `..` escapes.
+
+    The check is on the path as written (normalised, symlinks not
+    followed): a `file_name` can never climb out of the root, while an
+    image folder that is itself a symlink inside the root (as the
+    importers may leave) stays usable.
+    """
+    root = Path(os.path.abspath(image_root))
+    path = Path(os.path.normpath(root / file_name))
     if Path(file_name).is_absolute() or root not in path.parents:
         raise ValueError(f"{annotation_file}: file_name {file_name!r} escapes the image root {root}.")
     return path

@@ -350,7 +350,9 @@ def from_preset(cls, preset, num_classes=None, load_weights=True, class_names=No
             built with `cls.from_architecture`.
         preset: a key of `PRESETS` (downloaded once, converted once, then
             loaded from the cache), a folder written by `save_to_preset`, or
-            a local mmdetection SOLOv2 checkpoint (`*.pth`; torch needed).
+            a local mmdetection SOLOv2 checkpoint (`*.pth`; torch needed),
+            or a `.keras` file saved by `model.save` (loaded with
+            `safe_mode=True`).
         num_classes: for fine-tuning: a new, randomly initialised class-logit
             conv with this many classes; every other weight is kept.
         load_weights: `False` builds the architecture only (no download).
@@ -393,6 +395,17 @@ def from_preset(cls, preset, num_classes=None, load_weights=True, class_names=No
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a preset folder (no config.json).")
         model = load_preset_dir(path, load_weights, **kwargs)
+    elif path.suffix == ".keras":
+        import keras
+
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist.")
+        loaded = keras.saving.load_model(path, safe_mode=True)
+        model = loaded
+        if kwargs or not load_weights:
+            model = type(loaded).from_config(dict(loaded.get_config(), **kwargs))
+            if load_weights:  # overrides are non-shape settings: the weights line up
+                model.set_weights(loaded.get_weights())
     elif path.suffix == ".pth" or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist.")

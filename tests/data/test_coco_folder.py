@@ -250,3 +250,19 @@ def test_images_without_annotations_are_kept_as_negatives(tmp_path):
     batches = list(make_dataset(info, batch_size=2, scale=(30, 20), max_instances=3, crop_size=(0.3, 0.3),
                                 crop_type="relative_range"))
     assert len(batches) == 1 and sorted(np.asarray(batches[0][0]["image_id"])) == [1, 2]
+
+
+def test_image_paths_stay_under_their_root_lexically(tmp_path):
+    from keras_solov2.data.coco_folder import safe_image_path
+
+    root = tmp_path / "root"
+    root.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    # A folder symlinked into the root is part of it (importers may build such roots)...
+    assert safe_image_path(root, "linked/a.png") == root / "linked" / "a.png"
+    # ...but no file_name climbs out, however it is spelled.
+    for name in ("../x.png", "a/../../x.png", "linked/../../x.png", "/etc/passwd"):
+        with pytest.raises(ValueError, match="escapes the image root"):
+            safe_image_path(root, name, "ann.json")
