@@ -66,7 +66,8 @@ def predict_coco_results(model, dataset, label_to_category_id, max_batches=None)
             `keras_solov2.data`).
         label_to_category_id: contiguous label → COCO category id.
     """
-    decode = tf.function(lambda images: model.decode(model.inference_outputs(images)))
+    # Evaluation batches vary in size (mmdet test padding): one relaxed graph.
+    decode = tf.function(lambda images: model.decode(model.inference_outputs(images)), reduce_retracing=True)
     results, image_ids = [], []
     for i, batch in enumerate(dataset):
         if max_batches is not None and i >= max_batches:

@@ -367,9 +367,13 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
             (mmdet `RandomChoiceResize`, e.g. the 3x schedule's
             `[(1333, 800), (1333, 768), ..., (1333, 640)]`); evaluation
             uses the first pair.
-        pad_to: `(H, W)` fixed padded size; default: a square of the
-            longest side of all scales rounded up to a multiple of 32
-            (fits landscape and portrait at every scale).
+        pad_to: `(H, W)` fixed padded size. Default for training: a
+            square of the longest side of all scales rounded up to a
+            multiple of 32 (fits landscape and portrait at every scale; one
+            static shape for `fit`). Default for evaluation: mmdet's test
+            padding, each image to a multiple of 32 and a batch to its
+            largest image (so a converted mmdet model predicts exactly as
+            mmdet does); pass `pad_to` for one static evaluation shape.
         max_instances: instance slots per image (`M` of the contract).
         training: shuffle and augment (deterministically); otherwise file
             order, the first scale, no augmentation.
@@ -437,7 +441,36 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     # A known length lets `fit` size epochs and progress bars.
     ds = ds.apply(tf.data.experimental.assert_cardinality(per_epoch))
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not training and pad_to is None:
+        return _batch_as_mmdet_test(ds, batch_size)
     return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+
+def _batch_as_mmdet_test(ds, batch_size):
+    """Evaluation batches padded as mmdet's test pipeline pads them.
+
+    Each image keeps its resized size rounded up to a multiple of 32, and a
+    batch is padded to its largest image (mmdet `pad_size_divisor=32`), so
+    the head sees exactly the feature maps mmdet's model sees: a fixed
+    square padding would change what the S×S grids cover, and the
+    predictions with them. Batches then vary in size (`predict` and
+    `COCOMaskMAP` take any size; a loss needs `pad_to`).
+    """
+    import tensorflow as tf
+
+    mean = tf.constant(PIXEL_MEAN, tf.float32)
+
+    def to_content(x, y):
+        size = (x["image_shape"] + 31) // 32 * 32
+        x = dict(x, images=x["images"][: size[0], : size[1]] - mean)  # padded_batch pads with 0
+        y = dict(y, gt_masks=y["gt_masks"][:, : size[0], : size[1]])
+        return x, y
+
+    def add_mean(x, y):
+        return dict(x, images=x["images"] + mean), y
+
+    ds = ds.map(to_content, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.padded_batch(batch_size).map(add_mean).prefetch(tf.data.AUTOTUNE)
 
 
 def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_instances=100,
@@ -458,6 +491,7 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     if crop_size is not None:
         check_crop(crop_size, crop_type)
     photometric = PhotoMetricDistortion.from_arg(photometric_distortion)
+    pad_is_default = pad_to is None
     pad_to = pad_to or default_pad(scales)
 
     def prepare(index, ex):
@@ -476,4 +510,6 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
                                max_instances=max_instances, **aug)
 
     ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not training and pad_is_default:
+        return _batch_as_mmdet_test(ds, batch_size)
     return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)

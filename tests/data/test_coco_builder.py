@@ -37,7 +37,15 @@ def test_tfds_build_of_real_coco_subset(shared_dir, tmp_path):
 
     batches = make_tfds_dataset(ds.take(2), scale=(320, 320), batch_size=2, max_instances=50, training=False)
     x, y = next(iter(batches))
-    assert x["images"].shape == (2, 320, 320, 3) and y["gt_masks"].shape == (2, 50, 320, 320)
+    # mmdet's test padding: the batch's largest image, rounded up to 32.
+    hw = np.asarray(x["image_shape"])
+    padded = tuple(int(v) for v in (hw.max(0) + 31) // 32 * 32)
+    assert x["images"].shape == (2, *padded, 3) and y["gt_masks"].shape == (2, 50, *padded)
+    assert hw.max() == 320
+    pad_pixels = np.asarray(x["images"])[np.argmin(hw[:, 0]), hw[:, 0].min():]
+    if pad_pixels.size:  # padded with the mean pixel, which the model normalises to 0
+        np.testing.assert_array_equal(np.unique(pad_pixels.reshape(-1, 3), axis=0),
+                                      np.array([[123.675, 116.28, 103.53]], "float32"))
     labels = np.asarray(y["gt_labels"])
     assert (labels >= 0).any() and set(np.unique(np.asarray(y["gt_masks"]))) <= {0, 1}
 

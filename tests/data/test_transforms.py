@@ -195,7 +195,11 @@ def test_multiscale_picks_each_example_one_of_the_scales(tmp_path):
     # Evaluation uses the first scale, no augmentation.
     x, _ = next(iter(make_dataset(info, scale=scaled, batch_size=4, max_instances=6, training=False)))
     assert {tuple(s) for s in np.asarray(x["image_shape"])} == {(100, 160)}
-    assert x["images"].shape[1:3] == default_pad(scaled)
+    # mmdet's test padding: to a multiple of 32 of the image, not the training square.
+    assert x["images"].shape[1:3] == (128, 160) != default_pad(scaled)
+    assert x["images"].shape[1:3] == tuple(
+        make_dataset(info, scale=scaled, batch_size=4, max_instances=6, pad_to=(128, 160), training=False)
+        .element_spec[0]["images"].shape[1:3])
 
 
 def _arrays(ds):
