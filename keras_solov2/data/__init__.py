@@ -3,7 +3,7 @@
 Data code never imports model code.
 """
 
-from keras_solov2.data.coco_builder import SOLOv2CocoConfig, Solov2Coco
+from keras_solov2.data.coco_builder import SOLOv2CocoConfig, SOLOv2Coco
 from keras_solov2.data.coco_folder import (
     COCOFolderInfo,
     EpochTracker,
@@ -20,7 +20,7 @@ __all__ = [
     "COCOFolderInfo",
     "EpochTracker",
     "SOLOv2CocoConfig",
-    "Solov2Coco",
+    "SOLOv2Coco",
     "FORMATS",
     "PhotoMetricDistortion",
     "describe",

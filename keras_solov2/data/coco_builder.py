@@ -69,8 +69,20 @@ class SOLOv2CocoConfig(tfds.core.BuilderConfig):
     image_dir: str = ""
 
 
-class Solov2Coco(tfds.core.GeneratorBasedBuilder):
-    """COCO-format instance segmentation with per-instance PNG masks."""
+class SOLOv2Coco(tfds.core.GeneratorBasedBuilder):
+    """COCO-format instance segmentation with per-instance PNG masks (`"solov2_coco"`).
+
+    Example (custom data; the builder is registered on import of
+    `keras_solov2.data`):
+    ```python
+    cfg = SOLOv2CocoConfig(name="mydata", annotation_file="ann.json", image_dir="images")
+    builder = tfds.builder("solov2_coco", config=cfg)
+    builder.download_and_prepare()
+    ds = builder.as_dataset(split="train")
+    ```
+    """
+
+    name = "solov2_coco"  # tfds would derive "so_lov2_coco" from the class name
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
