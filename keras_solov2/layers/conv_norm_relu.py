@@ -1,3 +1,5 @@
+"""3×3 conv → GroupNorm → ReLU, the unit of SOLOv2's head towers and mask branch (mmcv `ConvModule`)."""
+
 import keras
 
 

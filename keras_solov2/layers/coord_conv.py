@@ -1,3 +1,5 @@
+"""`CoordConv`: appends normalised x, y coordinate channels (mmdet `generate_coordinate`)."""
+
 import keras
 from keras import ops
 

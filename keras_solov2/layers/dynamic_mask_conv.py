@@ -1,3 +1,5 @@
+"""`DynamicMaskConv`: mask features × per-instance predicted kernels → mask logits."""
+
 import keras
 from keras import ops
 

@@ -1,3 +1,5 @@
+"""`MatrixNMS`: mmdetection's `mask_matrix_nms` as a batched, static-shape Keras layer."""
+
 import functools
 import os
 

@@ -1,3 +1,5 @@
+"""`SOLOv2FeaturePyramid`: mmdet's FPN (P2–P5 laterals and outputs, P6 by max-pool)."""
+
 import keras
 from keras import ops
 

@@ -1,3 +1,5 @@
+"""`SOLOv2InstanceHead`: the category and kernel branches over the S×S grids."""
+
 import math
 
 import keras

@@ -1,3 +1,5 @@
+"""`SOLOv2MaskFeatureHead`: the unified stride-4 mask features (mmdet `MaskFeatModule`)."""
+
 import keras
 from keras import ops
 

@@ -1,3 +1,5 @@
+"""`SOLOv2`: the model, its training step (targets, focal + dice loss) and inference."""
+
 import os
 import sys
 import tempfile
