@@ -42,35 +42,49 @@ def _image_files(paths):
     return files
 
 
-def predict_images(model, files, out_dir, score_thr=0.3, class_names=None):
+def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, category_ids=None):
     """Predicts each image at its own size; writes `<stem>.png` overlays and `results.json`.
 
-    Returns the list of COCO-style result dicts (image_id = file index,
-    category = contiguous label).
+    Args:
+        category_ids: contiguous label → COCO `category_id` for the results.
+            Default: the COCO ids for a model with the 80 COCO classes (the
+            presets), otherwise the contiguous label itself (pass the ids of
+            your annotation file, e.g. `describe(...).category_ids`).
+
+    Returns:
+        The COCO-style result dicts (`image_id` = file index, `file_name`,
+        `category_id`, `label`, `category_name`, `score`, RLE `segmentation`).
     """
     import numpy as np
+    import tensorflow as tf
     from PIL import Image
 
     from keras_solov2.evaluation import encode_instances
+    from keras_solov2.models.presets import COCO_CATEGORY_IDS, COCO_CLASSES
     from keras_solov2.visualize import draw_instances
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = class_names or model.class_names
+    if category_ids is None:
+        category_ids = COCO_CATEGORY_IDS if names == COCO_CLASSES else list(range(model.num_classes))
+    # One graph for every image size (predict_step pads to /32 inside).
+    predict = tf.function(model.predict_step, reduce_retracing=True)
     results = []
     for i, f in enumerate(files):
         image = np.asarray(Image.open(f).convert("RGB"))
-        out = model.predict_step(image[None].astype("float32"))
+        out = predict(tf.constant(image[None], tf.float32))
         n = int(out["num_detections"][0])
         scores = np.asarray(out["scores"][0, :n])
         keep = scores >= score_thr
         masks = np.asarray(out["masks"][0, :n])[keep]
         labels = np.asarray(out["labels"][0, :n])[keep]
         draw_instances(image, masks, labels, scores[keep], names).save(out_dir / f"{f.stem}.png")
-        for r in encode_instances(masks, scores[keep], labels, i, list(range(model.num_classes))):
+        for r, label in zip(encode_instances(masks, scores[keep], labels, i, category_ids), labels):
             r["file_name"] = f.name
+            r["label"] = int(label)
             if names:
-                r["category_name"] = names[r["category_id"]]
+                r["category_name"] = names[int(label)]
             results.append(r)
         print(f"{f.name}: {int(keep.sum())} instances (score >= {score_thr})")
     (out_dir / "results.json").write_text(json.dumps(results))
@@ -79,7 +93,16 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None):
 
 def _cmd_predict(args):
     model = _load_model(args.model)
-    predict_images(model, _image_files(args.images), args.output, args.score_thr)
+    category_ids = None
+    if args.annotations:
+        from keras_solov2.data.coco_folder import describe
+
+        info = describe(args.annotations, ".")
+        if info.num_classes != model.num_classes:
+            raise SystemExit(f"error: {args.annotations} has {info.num_classes} categories, the model "
+                             f"{model.num_classes} classes.")
+        category_ids = info.category_ids
+    predict_images(model, _image_files(args.images), args.output, args.score_thr, category_ids=category_ids)
     print(f"wrote overlays and results.json to {args.output}")
 
 
@@ -116,6 +139,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help=".keras file, preset name/folder/.pth, or architecture")
     p.add_argument("--output", default="predictions")
     p.add_argument("--score-thr", type=float, default=0.3)
+    p.add_argument("--annotations", default=None,
+                   help="COCO JSON whose category ids the results use (default: COCO ids for COCO presets)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("assign", help="picture of the grid cells each instance is assigned to")
