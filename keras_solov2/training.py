@@ -103,7 +103,7 @@ def _cmd_train(args):
     print(f"{len(train_ids)} training / {len(val_ids)} validation images, {info.num_classes} classes")
     train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
           _scale(args.scale), args.max_instances, args.schedule,
-          steps_per_epoch=args.steps_per_epoch, seed=args.seed,
+          steps_per_epoch=args.steps_per_epoch, seed=args.seed, eval_every=args.eval_every,
           crop_size=_pair(args.crop_size), crop_type=args.crop_type, photometric_distortion=args.photometric)
     (Path(args.output) / "split.json").write_text(json.dumps({"train": train_ids, "val": val_ids}))
 
@@ -148,6 +148,7 @@ def add_subcommands(sub):
     p.add_argument("--crop-type", default="absolute",
                    choices=["absolute", "absolute_range", "relative", "relative_range"])
     p.add_argument("--photometric", action="store_true", help="mmdet's PhotoMetricDistortion")
+    p.add_argument("--eval-every", type=int, default=1, help="COCO mask mAP every N epochs")
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="batches per epoch (= backup interval); default one pass over the images")
     p.set_defaults(func=_cmd_train)
