@@ -43,6 +43,7 @@ validation image (`evaluation.evaluate_coco`).
 Usage:
     python benchmarks/train_real.py dsb2018|pennfudan [--epochs N] [--output DIR]
                                     [--max-images N] [--val-fraction 0.2] [--seed 0]
+                                    [--dtype mixed_bfloat16]
 
 `--output` (default `/tmp/train_real_<name>`) receives the COCO JSON, the
 split, `log.csv` and the final weights. `--max-images N` keeps the first N
@@ -262,8 +263,10 @@ def positive_pairs(coco, info, ids, bucket_of, recipe, num_grids, scale_ranges, 
         streams = bucket_streams(coco, info, plan, recipe)
         for b, _ in plan:
             _, y = next(streams[b])
-            fn = traced.setdefault(tuple(y["gt_masks"].shape), tf.function(count))
-            counts.extend(np.asarray(fn(y["gt_masks"], y["gt_labels"])).tolist())
+            key = tuple(y["gt_masks"].shape)
+            if key not in traced:
+                traced[key] = tf.function(count)
+            counts.extend(np.asarray(traced[key](y["gt_masks"], y["gt_labels"])).tolist())
     return np.array(counts)
 
 
@@ -312,6 +315,8 @@ def train_loop(model, plan, streams, epochs, steps, log_path):
             row = {k: float(v) for k, v in logs.items()}
             row["lr"] = float(model.optimizer.learning_rate)
             row["seconds"] = time.perf_counter() - t_epoch
+            # Other processes on the machine make the times meaningless: record the load.
+            row["loadavg_1min"] = os.getloadavg()[0]
             epoch_logs.append(row)
             log.write(f"{epoch},{row['loss']},{row['loss_cls']},{row['loss_mask']},{row['lr']},{row['seconds']}\n")
             log.flush()
@@ -335,7 +340,8 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
         # Keep the milestones at the same fractions of the run.
         recipe["milestones"] = tuple(m * epochs / recipe["epochs"] for m in recipe["milestones"])
         recipe["epochs"] = epochs
-    out = Path(output or f"/tmp/train_real_{name}{'_smoke' if smoke else ''}")
+    tag = "" if dtype in (None, "float32") else f"_{dtype}"
+    out = Path(output or f"/tmp/train_real_{name}{tag}{'_smoke' if smoke else ''}")
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(seed)
 
@@ -405,6 +411,8 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
         "smoke": smoke,
         "model": "solov2_light_r18, random init, frozen_stages=-1, norm_eval=False",
         "dtype_policy": model.dtype_policy.name,
+        "init": "mmdet 3.3's from-scratch init (backbone Kaiming fan-out + zero_init_residual; FPN Xavier; "
+                "head Normal(0.01), conv_pred Kaiming)",
         "recipe": {k: ([list(v) for v in val] if k == "buckets" else list(val) if isinstance(val, tuple) else val)
                    for k, val in recipe.items() if k != "reference"},
         "milestone_steps": milestone_steps,
@@ -427,6 +435,7 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
         "seconds_per_step_by_bucket": per_bucket,
         "first_step_seconds": {str(tuple(recipe["buckets"][b])): round(times[i], 1) for b, i in first_steps.items()},
         "eval_seconds": round(eval_s, 1),
+        "max_loadavg_1min_at_epoch_ends": round(max((r["loadavg_1min"] for r in epoch_logs), default=0.0), 2),
         "epochs": [{k: round(v, 5) for k, v in row.items()} for row in epoch_logs],
         "nan_loss_step": nan_step,
         "mask": {k: round(v, 4) for k, v in stats.items()},
@@ -435,7 +444,6 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
                         "keras": keras.__version__},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = "" if dtype in (None, "float32") else f"_{dtype}"
     path = RESULTS / f"train_real_{name}{tag}{'_smoke' if smoke else ''}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print_table(result)
@@ -454,6 +462,7 @@ def print_table(r):
         ("train time", f"{r['train_seconds'] / 60:.1f} min"),
         ("s/step (median, mean)", f"{r['seconds_per_step_median']:.2f}, {r['seconds_per_step_mean']:.2f}"),
         ("eval time", f"{r['eval_seconds']:.0f} s"),
+        ("max load avg (2 CPUs)", f"{r['max_loadavg_1min_at_epoch_ends']:.1f}"),
         ("mask AP", f"{r['mask']['AP']:.3f}"),
         ("mask AP50", f"{r['mask']['AP50']:.3f}"),
         ("mask AP75", f"{r['mask']['AP75']:.3f}"),
@@ -463,7 +472,7 @@ def print_table(r):
     if ref:
         rows.append(("reference", f"{ref['implementation']}: ~{ref['train_minutes']} min, "
                                   f"AP {ref['mask_AP']}, AP50 {ref['mask_AP50']}"))
-    print(f"\n{r['dataset']}{' (smoke)' if r['smoke'] else ''}")
+    print(f"\n{r['dataset']}{' (smoke)' if r['smoke'] else ''}: {r['dtype_policy']}, init as mmdet's")
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

@@ -18,6 +18,8 @@ padded to the static `max_per_img`.
 import numpy as np
 from keras import ops
 
+from keras_solov2.gather import take_rows
+
 
 def points_nms(scores):
     """Keeps a score only where it is the max of its 2×2 up-left window.
@@ -84,7 +86,7 @@ def decode_predictions(
     valid = cand_scores > score_thr
     cell = cand // num_classes
     labels = cand % num_classes
-    cand_kernels = ops.take_along_axis(flat_kernels, cell[..., None], axis=1)
+    cand_kernels = take_rows(flat_kernels, cell)
     # The dot products run in the layer's compute dtype; probabilities in float32.
     mask_probs = ops.sigmoid(
         ops.cast(dynamic_conv(mask_features, cand_kernels), "float32")
@@ -98,7 +100,7 @@ def decode_predictions(
 
     nms = matrix_nms(masks, labels, cand_scores, mask_area=area, valid=valid)
     keep = nms["indices"]
-    soft = ops.take_along_axis(mask_probs, ops.maximum(keep, 0)[:, :, None, None], axis=1)
+    soft = take_rows(mask_probs, ops.maximum(keep, 0))
     soft = soft * ops.cast(keep >= 0, "float32")[:, :, None, None]
     return {
         "soft_masks": soft,

@@ -46,6 +46,36 @@ def test_every_architecture_builds_with_mmdet_count(name):
     assert _count(model) == mmdet_param_count(**ARCHITECTURES[name])
 
 
+# mmdet 3.3 `SOLOv2(...).init_weights()` with no checkpoint, solov2-light R18,
+# measured with the peer venv: `(layer, std)` by hand from the rules
+# (Kaiming normal fan-out: sqrt(2 / (k*k*C_out))), 0 / 1 the BN γ.
+def test_random_init_is_mmdets():
+    keras.utils.set_random_seed(0)
+    model = SOLOv2.from_architecture("solov2_light_r18", num_classes=1)
+    layers = {layer.name: layer for layer in model.backbone.layers}
+
+    def std(name):
+        return float(np.std(np.asarray(layers[name].kernel)))
+
+    # mmdet: backbone.layer1.0.conv1 0.0591, layer3.0.conv1 0.0295, layer4.1.conv2 0.0208
+    assert std("stack0_block0_1_conv") == pytest.approx((2 / (9 * 64)) ** 0.5, rel=0.03)
+    assert std("stack2_block0_1_conv") == pytest.approx((2 / (9 * 256)) ** 0.5, rel=0.03)
+    assert std("stack3_block1_2_conv") == pytest.approx((2 / (9 * 512)) ** 0.5, rel=0.03)
+    # zero_init_residual: the last BN of every block starts at γ = 0, the rest at 1.
+    gammas = {name: np.asarray(layer.gamma) for name, layer in layers.items()
+              if isinstance(layer, keras.layers.BatchNormalization)}
+    assert len(gammas) == 1 + 8 * 2 + 3  # stem, 8 blocks x 2, 3 projection shortcuts
+    for name, gamma in gammas.items():
+        expected = 0.0 if name.endswith("_2_bn") else 1.0
+        assert np.all(gamma == expected), name
+    # Head: Normal(0.01) convs (mmdet 0.0100), except the mask feature
+    # branch's 1x1 conv_pred at Kaiming fan-out (mmdet 0.1253 for 128 outputs).
+    conv_pred = model.mask_feature_head.conv_pred.conv.kernel
+    assert float(np.std(np.asarray(conv_pred))) == pytest.approx((2 / 128) ** 0.5, rel=0.05)
+    kernel_conv = model.instance_head.kernel_convs[0].conv.kernel
+    assert float(np.std(np.asarray(kernel_conv))) == pytest.approx(0.01, rel=0.03)
+
+
 def tiny_model(**kwargs):
     """ResNet-18 layout with one block per stage and narrow FPN/head."""
     args = dict(

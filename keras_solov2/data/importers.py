@@ -11,7 +11,7 @@ Formats (`FORMATS`):
 * `instance_folders`: one folder per image holding `images/<id>.png` and
   `masks/*.png` (one 0/255 PNG per instance), e.g. the DSB2018 nuclei;
 * `labelme`: LabelMe JSON files (polygons and rectangles; the label
-  `__ignore__` becomes a crowd/ignore region).
+  `__ignore__` becomes a crowd/ignore region of every category).
 """
 
 import json
@@ -200,8 +200,10 @@ def import_labelme(json_dir, out, overwrite=False):
             mask = np.asarray(canvas, np.uint8)
             flat = [[c for p in pts for c in p] for pts in polygons]
             if label == "__ignore__":
-                if labels:
-                    w.add_mask(image_id, mask, labels[0], f"{f} shape {k}", iscrowd=1, polygons=flat)
+                # COCOeval matches crowd regions per category: one per
+                # category makes the region ignored for every class.
+                for name in labels:
+                    w.add_mask(image_id, mask, name, f"{f} shape {k}", iscrowd=1, polygons=flat)
                 continue
             w.add_mask(image_id, mask, label, f"{f} shape {k}", polygons=flat)
     return w.write()

@@ -6,6 +6,8 @@ import os
 import keras
 from keras import ops
 
+from keras_solov2.gather import take_rows
+
 # Integers up to 2**8 are exact in bfloat16 (8 significant bits): a 0/1
 # matmul over blocks of this many pixels has exact bfloat16 partial sums.
 _EXACT_BF16_BLOCK = 256
@@ -185,7 +187,7 @@ class MatrixNMS(keras.layers.Layer):
             take(valid),
         )
         if dynamic or n_pre < num:
-            s_flat = ops.take_along_axis(flat, order[:, :, None], axis=1)
+            s_flat = take_rows(flat, order)
             inter = binary_intersections(s_flat, s_flat)
         else:
             # Permuting the small N×N matrix is cheaper than the (N, H·W) masks.

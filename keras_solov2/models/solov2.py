@@ -11,6 +11,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_solov2 import losses, postprocess, targets
+from keras_solov2.gather import take_rows
 from keras_solov2.layers.dynamic_mask_conv import DynamicMaskConv
 from keras_solov2.layers.matrix_nms import MatrixNMS
 from keras_solov2.layers.resize import resize_bilinear
@@ -392,10 +393,10 @@ class SOLOv2(keras.Model):
             [ops.reshape(ops.cast(kk, "float32"), (ops.shape(kk)[0], -1, self.mask_out_channels)) for kk in outputs["kernels"]],
             axis=1,
         )
-        pair_kernels = ops.take_along_axis(kernels, chosen_cells[..., None], axis=1)
+        pair_kernels = take_rows(kernels, chosen_cells)
         mask_logits = self.dynamic_conv(outputs["mask_features"], pair_kernels)
         mask_targets = targets.rescale_masks(gt_masks)  # (B, M, h, w)
-        pair_targets = ops.take_along_axis(mask_targets, chosen_slots[:, :, None, None], axis=1)
+        pair_targets = take_rows(mask_targets, chosen_slots)
         dice = losses.dice_loss(mask_logits, pair_targets) * self.loss_mask_weight
         dice_sum = ops.sum(ops.where(chosen_valid, dice, 0.0))
         total_pairs = ops.sum(ops.cast(pair_valid, "float32"))

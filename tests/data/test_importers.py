@@ -83,3 +83,20 @@ def test_labelme_bad_inputs(tmp_path):
         import_dataset("labelme", tmp_path, tmp_path / "out" / "y.json")
     with pytest.raises(ValueError, match="unknown format"):
         import_dataset("voc", tmp_path, tmp_path / "z.json")
+
+
+def test_labelme_ignore_region_is_ignored_for_every_category(tmp_path):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    square = [[10, 10], [18, 10], [18, 18], [10, 18]]
+    doc = {"imagePath": "a.png", "imageHeight": 20, "imageWidth": 20,
+           "shapes": [{"label": "cat", "points": [[1, 1], [8, 1], [8, 8], [1, 8]], "shape_type": "polygon"},
+                      {"label": "dog", "points": [[1, 10], [8, 10], [8, 18], [1, 18]], "shape_type": "polygon"},
+                      {"label": "__ignore__", "points": square, "shape_type": "polygon"}]}
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    import_dataset("labelme", tmp_path, tmp_path / "out.json")
+    coco = COCO(str(tmp_path / "out.json"))
+    assert sorted(c["name"] for c in coco.cats.values()) == ["cat", "dog"]
+    crowd = [a for a in coco.anns.values() if a["iscrowd"]]
+    assert sorted(coco.cats[a["category_id"]]["name"] for a in crowd) == ["cat", "dog"]
+    for a in crowd:
+        assert coco.annToMask(a)[10:18, 10:18].all() and coco.annToMask(a).sum() == coco.annToMask(crowd[0]).sum()
