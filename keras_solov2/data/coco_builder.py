@@ -24,7 +24,10 @@ files converted to 8-bit RGB), images without annotations kept.
 """
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +95,40 @@ class SOLOv2Coco(tfds.core.GeneratorBasedBuilder):
         "(from cocodataset.org). For your own data pass SOLOv2CocoConfig(annotation_file=..., image_dir=...)."
     )
     BUILDER_CONFIGS = [SOLOv2CocoConfig(name="coco2017", description="Official COCO 2017 layout (manual dir).")]
+
+    def download_and_prepare(self, *args, **kwargs):
+        """tfds' `download_and_prepare`, refusing a stale build.
+
+        tfds keys a prepared dataset by config name and version only, so a
+        config naming an edited (or another) annotation file would silently
+        load the old build. The annotation file's sha256 and the image
+        folder are recorded beside the build and compared on every call;
+        a mismatch raises, naming both. (Edited image files with unchanged
+        annotations are not detected.)
+        """
+        super().download_and_prepare(*args, **kwargs)
+        cfg = self.builder_config
+        if not cfg.annotation_file:
+            return
+        source = {
+            "annotation_file": str(Path(cfg.annotation_file).resolve()),
+            "annotation_sha256": hashlib.sha256(Path(cfg.annotation_file).read_bytes()).hexdigest(),
+            "image_dir": str(Path(cfg.image_dir).resolve()),
+        }
+        stamp = Path(str(self.data_dir)) / "solov2_source.json"
+        if stamp.exists():
+            built = json.loads(stamp.read_text())
+            if built != source:
+                raise ValueError(
+                    f"{self.data_dir} was prepared for config {cfg.name!r} from {built['annotation_file']} "
+                    f"(sha256 {built['annotation_sha256'][:12]}…, images {built['image_dir']}), but the config "
+                    f"now names {source['annotation_file']} (sha256 {source['annotation_sha256'][:12]}…, images "
+                    f"{source['image_dir']}). Delete {self.data_dir} to rebuild, or use another config name."
+                )
+            return
+        tmp = stamp.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(source, indent=1))
+        os.replace(tmp, stamp)
 
     def _info(self):
         return self.dataset_info_from_configs(

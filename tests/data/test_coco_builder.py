@@ -121,3 +121,17 @@ def test_tfds_builder_errors_name_the_file_and_annotation(tmp_path):
         (folder / "t.png").write_bytes((folder / "t.png").read_bytes()[:600])
         with pytest.raises(err, match=r"ann\.json.*" + pattern):
             _build(folder, tmp_path / name / "tfds", images, anns)
+
+
+def test_tfds_builder_refuses_a_stale_build(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    images = [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}]
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]], "area": 25,
+           "bbox": [1, 1, 5, 5], "iscrowd": 0}
+    builder = _build(folder, tmp_path / "tfds", images, [ann])
+    assert builder.info.splits["train"].num_examples == 1
+    _build(folder, tmp_path / "tfds", images, [ann])  # same source: the build is reused
+    with pytest.raises(ValueError, match="was prepared for config 'odd' from .*ann.json.*Delete"):
+        _build(folder, tmp_path / "tfds", images, [dict(ann, segmentation=[[1, 1, 7, 1, 7, 7]])])
