@@ -74,7 +74,7 @@ def predict_coco_results(model, dataset, label_to_category_id, max_batches=None)
             break
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         decoded = decode(x["images"])
-        per_image = model._paste(decoded, np.asarray(x["image_shape"]), np.asarray(x["original_shape"]))
+        per_image = model.paste(decoded, np.asarray(x["image_shape"]), np.asarray(x["original_shape"]))
         for image_id, inst in zip(np.asarray(x["image_id"]), per_image):
             image_ids.append(int(image_id))
             results.extend(

@@ -65,7 +65,7 @@ class _StubModel(keras.Model):
     def decode(self, outputs):
         return {"dummy": outputs}
 
-    def _paste(self, decoded, image_shapes, original_shapes):
+    def paste(self, decoded, image_shapes, original_shapes):
         return [self.instances[i] for i in self._order.pop(0)]
 
 

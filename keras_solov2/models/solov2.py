@@ -456,9 +456,23 @@ class SOLOv2(keras.Model):
             `scores` `(n,)` float32, `labels` `(n,)` int32, sorted by score.
         """
         decoded = self.decode(outputs)
-        return self._paste(decoded, image_shapes, original_shapes)
+        return self.paste(decoded, image_shapes, original_shapes)
 
-    def _paste(self, decoded, image_shapes, original_shapes):
+    def paste(self, decoded, image_shapes, original_shapes):
+        """`decode` output → per-image instances at each image's original size.
+
+        Args:
+            decoded: `self.decode(outputs)` (soft masks at stride 4 of the
+                padded input).
+            image_shapes: `(B, 2)` valid `(h, w)` of each resized image before
+                padding, pixels.
+            original_shapes: `(B, 2)` `(H0, W0)` of each original image.
+
+        Returns:
+            As `postprocess`: B dicts of numpy `masks` `(n, H0, W0)` uint8
+            (soft masks upsampled, cropped, resized, then `> mask_thr`),
+            `scores` `(n,)`, `labels` `(n,)`.
+        """
         results = []
         image_shapes = np.asarray(image_shapes)
         original_shapes = np.asarray(original_shapes)
