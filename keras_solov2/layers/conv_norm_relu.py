@@ -21,6 +21,12 @@ class ConvNormReLU(keras.layers.Layer):
 
     Returns:
         `(B, H, W, filters)`, non-negative.
+
+    Example:
+    >>> import numpy as np
+    >>> y = ConvNormReLU(8, 3, norm_groups=4)(np.random.rand(2, 5, 5, 3).astype("float32"))
+    >>> tuple(y.shape), bool(np.min(y) >= 0)
+    ((2, 5, 5, 8), True)
     """
 
     def __init__(

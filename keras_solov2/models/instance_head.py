@@ -38,6 +38,15 @@ class SOLOv2InstanceHead(keras.layers.Layer):
     Returns:
         `(cls_logits, kernels)`: lists over levels of `(B, S, S, C)` logits
         and `(B, S, S, E)` kernels; grid index = `row * S + col`.
+
+    Example:
+    >>> import numpy as np
+    >>> head = SOLOv2InstanceHead(num_classes=3, num_grids=[8, 6, 4, 3, 2], feat_channels=16,
+    ...                           stacked_convs=1, kernel_out_channels=8, norm_groups=4)
+    >>> pyramid = [np.zeros((1, 64 // s, 64 // s, 16), "float32") for s in (4, 8, 16, 32, 64)]
+    >>> cls_logits, kernels = head(pyramid)
+    >>> [tuple(c.shape) for c in cls_logits][:2], tuple(kernels[-1].shape)
+    ([(1, 8, 8, 3), (1, 6, 6, 3)], (1, 2, 2, 8))
     """
 
     def __init__(

@@ -26,6 +26,13 @@ class SOLOv2MaskFeatureHead(keras.layers.Layer):
 
     Returns:
         `(B, H/4, W/4, E)` mask features (non-negative).
+
+    Example:
+    >>> import numpy as np
+    >>> head = SOLOv2MaskFeatureHead(feat_channels=8, out_channels=16, norm_groups=4)
+    >>> pyramid = [np.zeros((1, 64 // s, 64 // s, 16), "float32") for s in (4, 8, 16, 32)]
+    >>> tuple(head(pyramid).shape)
+    (1, 16, 16, 16)
     """
 
     def __init__(self, feat_channels=128, out_channels=256, norm_groups=32, **kwargs):
