@@ -17,6 +17,7 @@ losses:
    through `SOLOv2.train_step` (same optimizer settings; our weight decay
    skips norm/bias parameters, ≈ 2.5e-7 relative per step here).
 
+Also compares the step-0 gradient tensor by tensor (before clipping).
 Prints both loss sequences and their relative differences; writes
 `benchmarks/results/train_parity.json`. Step 0 is the forward pass on
 identical weights; later steps diverge slowly through float rounding
@@ -110,6 +111,9 @@ for s in range(steps):
     loss = sum(losses.values())
     opt.zero_grad()
     loss.backward()
+    if s == 0:
+        np.savez(f"{work}/mmdet_grads_step0.npz",
+                 **{n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None})
     grad_norm = torch.nn.utils.clip_grad_norm_(params, 35.0)
     opt.step()
     log.append(dict(loss=loss.item(), loss_cls=losses["loss_cls"].item(), loss_mask=losses["loss_mask"].item(),
@@ -161,6 +165,7 @@ def run_ours(work, steps, slots):
     model.optimizer.build(model.trainable_variables)
     step = tf.function(model.train_step, autograph=False)
     n = d["images"].shape[1]
+    grads = step0_gradient_diffs(model, d, work)
     log = []
     for s in range(steps):
         for m in model.metrics:
@@ -174,7 +179,31 @@ def run_ours(work, steps, slots):
         log.append({k: float(out[k]) for k in ("loss", "loss_cls", "loss_mask")})
         log[-1]["seconds"] = time.perf_counter() - t
         print(s, log[-1], flush=True)
-    return log
+    return log, grads
+
+
+def step0_gradient_diffs(model, d, work):
+    """Per-tensor `|g_ours - g_mmdet| / |g_mmdet|` of the step-0 loss gradient, worst first."""
+    import tensorflow as tf
+
+    from keras_solov2.convert.mmdet_checkpoint import weight_map
+
+    keys = {id(v): (k, kind) for k, v, kind in weight_map(model) if v is not None}
+    y = {"gt_masks": tf.constant(d["masks"][0]), "gt_labels": tf.constant(d["labels"][0])}
+    with tf.GradientTape() as tape:
+        loss = model.compute_solov2_loss(model(tf.constant(d["images"][0]), training=True), y["gt_masks"],
+                                         y["gt_labels"])["loss"]
+    ref = np.load(work / "mmdet_grads_step0.npz")
+    rows = []
+    for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables)):
+        key, kind = keys[id(v)]
+        g = np.asarray(tf.convert_to_tensor(g)) if g is not None else np.zeros(v.shape, "float32")
+        if kind == "conv":
+            g = g.transpose(3, 2, 0, 1)  # (kh, kw, I, O) -> torch (O, I, kh, kw)
+        r = ref[key]
+        rows.append({"tensor": key, "rel_diff": float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)),
+                     "mmdet_norm": float(np.linalg.norm(r))})
+    return sorted(rows, key=lambda r: -r["rel_diff"])
 
 
 def main():
@@ -191,7 +220,10 @@ def main():
     subprocess.run([a.peer_python, "-c", f"CFG = {MMDET_CFG!r}\n" + MMDET_SCRIPT, str(PEER_ENV), str(work),
                     str(a.steps)], check=True, stdout=subprocess.DEVNULL)
     mmdet = json.loads((work / "mmdet_log.json").read_text())
-    ours = run_ours(work, a.steps, slots)
+    ours, grads = run_ours(work, a.steps, slots)
+    rel = np.array([g["rel_diff"] for g in grads])
+    print(f"\nstep-0 gradients, {len(grads)} tensors: relative difference median {np.median(rel):.2e}, "
+          f"max {rel.max():.2e} ({grads[0]['tensor']})")
     rows = []
     print(f"\n{'step':>4}  {'mmdet loss':>10} {'ours':>8} {'rel':>7}   {'mmdet cls':>9} {'ours':>7}   "
           f"{'mmdet mask':>10} {'ours':>7}   mmdet grad norm")
@@ -203,13 +235,15 @@ def main():
               f"{' (clipped)' if m['grad_norm'] > 35 else ''}")
     rels = np.array([r["rel_loss_diff"] for r in rows])
     summary = {"steps": a.steps, "step0_rel_diff": float(rels[0]),
+               "step0_grad_rel_diff_median": float(np.median(rel)), "step0_grad_rel_diff_max": float(rel.max()),
                "max_abs_rel_diff_first_5": float(np.abs(rels[:5]).max()),
                "mean_rel_diff": float(rels.mean()), "max_abs_rel_diff": float(np.abs(rels).max()),
                "mmdet_mean_loss_last_5": float(np.mean([m["loss"] for m in mmdet[-5:]])),
                "ours_mean_loss_last_5": float(np.mean([o["loss"] for o in ours[-5:]]))}
     print("\n" + "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_parity.json").write_text(json.dumps({"summary": summary, "steps": rows}, indent=1) + "\n")
+    (RESULTS / "train_parity.json").write_text(
+        json.dumps({"summary": summary, "step0_gradients": grads, "steps": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
