@@ -62,9 +62,9 @@ def mmdet_resnet_init(backbone):
     `N(0, 2 / (k_h·k_w·C_out))` (keras-hub's default is Glorot uniform).
     Every BatchNorm γ = 1, β = 0, except the last BatchNorm of each residual
     block, whose γ starts at 0 (`zero_init_residual=True`): every block
-    starts as the identity, which trains noticeably better from scratch
-    (measured on DSB2018, see `benchmarks/train_real.py`). Seeded by
-    `keras.utils.set_random_seed`.
+    starts as the identity. Matching mmdet here keeps from-scratch runs
+    comparable with mmdet's (`benchmarks/train_parity.py` starts both from
+    the same weights). Seeded by `keras.utils.set_random_seed`.
 
     Returns:
         The number of residual blocks whose last γ was zeroed.
