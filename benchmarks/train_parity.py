@@ -22,7 +22,7 @@ Prints both loss sequences and their relative differences; writes
 `benchmarks/results/train_parity.json`. Step 0 is the forward pass on
 identical weights; later steps diverge slowly through float rounding
 (chaotic, amplified by the clipped steps) unless something is wrong.
-≈ 3 min for mmdet and 3 min for ours at 20 steps on 2 cores.
+≈ 4 min in all at 12 steps on 2 cores.
 
 Usage:
     python benchmarks/train_parity.py --peer-python /work/peer/venv/bin/python [--steps 20]
@@ -221,9 +221,9 @@ def main():
                     str(a.steps)], check=True, stdout=subprocess.DEVNULL)
     mmdet = json.loads((work / "mmdet_log.json").read_text())
     ours, grads = run_ours(work, a.steps, slots)
-    rel = np.array([g["rel_diff"] for g in grads])
-    print(f"\nstep-0 gradients, {len(grads)} tensors: relative difference median {np.median(rel):.2e}, "
-          f"max {rel.max():.2e} ({grads[0]['tensor']})")
+    grad_rel = np.array([g["rel_diff"] for g in grads])
+    print(f"\nstep-0 gradients, {len(grads)} tensors: relative difference median {np.median(grad_rel):.2e}, "
+          f"max {grad_rel.max():.2e} ({grads[0]['tensor']})")
     rows = []
     print(f"\n{'step':>4}  {'mmdet loss':>10} {'ours':>8} {'rel':>7}   {'mmdet cls':>9} {'ours':>7}   "
           f"{'mmdet mask':>10} {'ours':>7}   mmdet grad norm")
@@ -235,7 +235,8 @@ def main():
               f"{' (clipped)' if m['grad_norm'] > 35 else ''}")
     rels = np.array([r["rel_loss_diff"] for r in rows])
     summary = {"steps": a.steps, "step0_rel_diff": float(rels[0]),
-               "step0_grad_rel_diff_median": float(np.median(rel)), "step0_grad_rel_diff_max": float(rel.max()),
+               "step0_grad_rel_diff_median": float(np.median(grad_rel)),
+               "step0_grad_rel_diff_max": float(grad_rel.max()),
                "max_abs_rel_diff_first_5": float(np.abs(rels[:5]).max()),
                "mean_rel_diff": float(rels.mean()), "max_abs_rel_diff": float(np.abs(rels).max()),
                "mmdet_mean_loss_last_5": float(np.mean([m["loss"] for m in mmdet[-5:]])),
