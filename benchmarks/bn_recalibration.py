@@ -36,15 +36,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    from keras_solov2.data.coco_folder import describe, load_coco
     from keras_solov2.evaluation import coco_mask_map, predict_coco_results
 
     recipe = dict(tr.RECIPES["dsb2018"])
     ann = a.run / "dsb2018.json"
-    info = describe(ann, str(tr.DATA / "dsb2018" / "stage1_train"))
-    coco = load_coco(ann)
+    info, coco, bucket_of = tr.open_dataset(ann, str(tr.DATA / "dsb2018" / "stage1_train"), recipe)
     split = json.loads((a.run / "split.json").read_text())
-    bucket_of = tr.assign_buckets(coco, info.image_ids, recipe["scale"], recipe["buckets"])
     model = tr.build_model(recipe, 1024)
     model(np.zeros((1, 384, 384, 3), "float32"))
     model.load_weights(a.run / "final.weights.h5")

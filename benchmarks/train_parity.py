@@ -128,14 +128,12 @@ def dump_batches(work, steps, seed=0):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import train_real as tr
 
-    from keras_solov2.data.coco_folder import describe, load_coco, split_ids
+    from keras_solov2.data.coco_folder import split_ids
 
     recipe = tr.RECIPES["dsb2018"]
     ann, image_root, _ = tr.import_dataset("dsb2018", work)
-    info = describe(ann, image_root)
-    coco = load_coco(ann)
+    info, coco, bucket_of = tr.open_dataset(ann, image_root, recipe)
     train_ids, _ = split_ids(info.image_ids, 0.2, seed)
-    bucket_of = tr.assign_buckets(coco, train_ids, recipe["scale"], recipe["buckets"])
     ids = [i for i in train_ids if bucket_of[i] == 0][: 4 * steps]
     slots = max(int(n) for n in tr.instance_counts(coco, ids))
     stream = tr.make_stream(coco, info, [(i, False) for i in ids], recipe["scale"], (384, 384), 4, slots)

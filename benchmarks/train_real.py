@@ -119,6 +119,15 @@ def import_dataset(name, out_dir):
     return ann, report["image_root"], report
 
 
+def open_dataset(ann, image_root, recipe):
+    """An imported dataset → `(info, coco, bucket_of)`; `bucket_of[image_id]` indexes `recipe["buckets"]`."""
+    from keras_solov2.data.coco_folder import describe, load_coco
+
+    info = describe(ann, image_root)
+    coco = load_coco(ann)
+    return info, coco, assign_buckets(coco, info.image_ids, recipe["scale"], recipe["buckets"])
+
+
 def instance_counts(coco, ids):
     return np.array([sum(1 for a in coco.imgToAnns.get(i, []) if not a.get("iscrowd", 0)) for i in ids])
 
@@ -343,7 +352,7 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
     import keras
     import tensorflow as tf
 
-    from keras_solov2.data.coco_folder import describe, load_coco, split_ids, validate_images
+    from keras_solov2.data.coco_folder import split_ids, validate_images
     from keras_solov2.evaluation import evaluate_coco
     from keras_solov2.models.architectures import ARCHITECTURES
     from keras_solov2.schedules import WarmupMultiStepDecay
@@ -360,11 +369,10 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
     keras.utils.set_random_seed(seed)
 
     ann, image_root, _ = import_dataset(name, out)
-    info = describe(ann, image_root)
+    info, coco, bucket_of = open_dataset(ann, image_root, recipe)
     ids = info.image_ids[:max_images] if smoke else info.image_ids
     train_ids, val_ids = split_ids(ids, val_fraction, seed)
     (out / "split.json").write_text(json.dumps({"train": train_ids, "val": val_ids}))
-    coco = load_coco(ann)
     validate_images(coco, info, ids)
     n_train, n_val = instance_counts(coco, train_ids), instance_counts(coco, val_ids)
     dropped = int(np.maximum(n_train - recipe["max_instances"], 0).sum())
@@ -372,7 +380,6 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
           f"{int(n_train.max())}/image), {len(val_ids)} val ({int(n_val.sum())} instances, max "
           f"{int(n_val.max())}/image); {dropped} training instances over max_instances={recipe['max_instances']}",
           flush=True)
-    bucket_of = assign_buckets(coco, ids, recipe["scale"], recipe["buckets"])
     bucket_sizes = {str(tuple(recipe["buckets"][b])): sum(1 for i in train_ids if bucket_of[i] == b)
                     for b in range(len(recipe["buckets"]))}
     print(f"train images by the bucket of their own padded size: {bucket_sizes}", flush=True)

@@ -156,3 +156,39 @@ def test_intersections_are_exact_on_both_matmul_paths(monkeypatch, native_bf16):
     n = int(out["num_detections"])
     np.testing.assert_array_equal(np.asarray(out["indices"])[:n], ref_out[2])
     np.testing.assert_allclose(np.asarray(out["scores"])[:n], ref_out[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["blocked", "full"])
+def test_label_blocks_cover_every_same_label_pair(monkeypatch, path):
+    from keras_solov2.layers import matrix_nms
+
+    # Either product regardless of how many pairs share a label.
+    monkeypatch.setattr(matrix_nms, "_BLOCKED_MAX_FRACTION", 2.0 if path == "blocked" else -1.0)
+    # 200 masks span several 32-row label blocks; item 0 has 80 mixed labels
+    # (blocks multiply only their label runs), item 1 one label (the whole
+    # upper triangle); scattered invalid entries sort after every label.
+    rng = np.random.default_rng(7)
+    n = 200
+    masks = np.zeros((2, n, 30, 40), bool)
+    for b in range(2):
+        for i in range(n):
+            y, x = rng.integers(0, 20), rng.integers(0, 30)
+            masks[b, i, y:y + rng.integers(4, 15), x:x + rng.integers(4, 15)] = True
+    labels = np.stack([rng.integers(0, 80, n), np.zeros(n, int)])
+    scores = rng.uniform(0.1, 1, (2, n)).astype("float32")
+    valid = rng.random((2, n)) > 0.1
+    out = MatrixNMS(kernel="linear", filter_thr=-1, nms_pre=-1, max_per_img=-1)(masks, labels, scores, valid=valid)
+    for b in range(2):
+        keep = np.flatnonzero(valid[b])
+        s, lab, idx = ref.matrix_nms(masks[b, keep], labels[b, keep], scores[b, keep], kernel="linear")
+        k = int(out["num_detections"][b])
+        assert k == len(keep)
+        np.testing.assert_array_equal(np.asarray(out["indices"][b])[:k], keep[idx])
+        np.testing.assert_allclose(np.asarray(out["scores"][b])[:k], s, atol=1e-6)
+    # Item 1 has strongly overlapping pairs more than two 32-row blocks apart
+    # in score order, which a block-diagonal product would miss.
+    keep = np.flatnonzero(valid[1])
+    flat = masks[1, keep[np.argsort(-scores[1, keep], kind="stable")]].reshape(len(keep), -1).astype(np.int64)
+    inter = flat @ flat.T
+    iou = inter / (flat.sum(1)[:, None] + flat.sum(1)[None, :] - inter)
+    assert np.triu(iou, 65).max() > 0.5

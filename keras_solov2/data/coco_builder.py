@@ -102,32 +102,50 @@ class SOLOv2Coco(tfds.core.GeneratorBasedBuilder):
         tfds keys a prepared dataset by config name and version only, so a
         config naming an edited (or another) annotation file would silently
         load the old build. The annotation file's sha256 and the image
-        folder are recorded beside the build and compared on every call;
-        a mismatch raises, naming both. (Edited image files with unchanged
-        annotations are not detected.)
+        folder are recorded beside a build made here and compared on every
+        later call; a mismatch raises, naming both. A build with no record
+        (made by an earlier version, or interrupted before the record was
+        written) cannot be vouched for and raises too. The file is re-hashed
+        only when its size or modification time changed. (Edited image
+        files with unchanged annotations are not detected.)
         """
-        super().download_and_prepare(*args, **kwargs)
         cfg = self.builder_config
+        existed = self.is_prepared()
+        super().download_and_prepare(*args, **kwargs)
         if not cfg.annotation_file:
             return
+        stamp = Path(str(self.data_dir)) / "solov2_source.json"
+        if existed and not stamp.exists():
+            raise ValueError(
+                f"{self.data_dir} (config {cfg.name!r}) has no record of the annotation file it was prepared "
+                f"from (built by an earlier keras-solov2, or interrupted), so it may not match "
+                f"{cfg.annotation_file}. Delete {self.data_dir} to rebuild, or use another config name."
+            )
+        ann = Path(cfg.annotation_file)
+        st = ann.stat()
         source = {
-            "annotation_file": str(Path(cfg.annotation_file).resolve()),
-            "annotation_sha256": hashlib.sha256(Path(cfg.annotation_file).read_bytes()).hexdigest(),
+            "annotation_file": str(ann.resolve()),
+            "annotation_sha256": None,
             "image_dir": str(Path(cfg.image_dir).resolve()),
         }
-        stamp = Path(str(self.data_dir)) / "solov2_source.json"
-        if stamp.exists():
-            built = json.loads(stamp.read_text())
-            if built != source:
+        file_state = {"annotation_size": st.st_size, "annotation_mtime_ns": st.st_mtime_ns}
+        built = json.loads(stamp.read_text()) if stamp.exists() else None
+        if built is not None and {k: built.get(k) for k in file_state} == file_state:
+            source["annotation_sha256"] = built["annotation_sha256"]  # unchanged file: skip the hash
+        else:
+            source["annotation_sha256"] = hashlib.sha256(ann.read_bytes()).hexdigest()
+        if built is not None:
+            if {k: built.get(k) for k in source} != source:
                 raise ValueError(
                     f"{self.data_dir} was prepared for config {cfg.name!r} from {built['annotation_file']} "
                     f"(sha256 {built['annotation_sha256'][:12]}…, images {built['image_dir']}), but the config "
                     f"now names {source['annotation_file']} (sha256 {source['annotation_sha256'][:12]}…, images "
                     f"{source['image_dir']}). Delete {self.data_dir} to rebuild, or use another config name."
                 )
-            return
+            if {k: built.get(k) for k in file_state} == file_state:
+                return
         tmp = stamp.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(source, indent=1))
+        tmp.write_text(json.dumps({**source, **file_state}, indent=1))
         os.replace(tmp, stamp)
 
     def _info(self):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,9 @@ def test_tfds_builder_refuses_a_stale_build(tmp_path):
     _build(folder, tmp_path / "tfds", images, [ann])  # same source: the build is reused
     with pytest.raises(ValueError, match="was prepared for config 'odd' from .*ann.json.*Delete"):
         _build(folder, tmp_path / "tfds", images, [dict(ann, segmentation=[[1, 1, 7, 1, 7, 7]])])
+    # A build with no record (an earlier version's, or an interrupted one) is not vouched for.
+    (tmp_path / "tfds2").mkdir()
+    builder = _build(folder, tmp_path / "tfds2", images, [ann])
+    (Path(str(builder.data_dir)) / "solov2_source.json").unlink()
+    with pytest.raises(ValueError, match="no record of the annotation file.*Delete"):
+        _build(folder, tmp_path / "tfds2", images, [ann])
