@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    from keras_solov2.evaluation import coco_mask_map, predict_coco_results
+    from keras_solov2.evaluation import evaluate_coco
 
     recipe = dict(tr.RECIPES["dsb2018"])
     ann = a.run / "dsb2018.json"
@@ -47,10 +47,8 @@ def main():
     model.load_weights(a.run / "final.weights.h5")
 
     def val_ap():
-        plan = [(bucket_of[i], [(i, False)]) for i in split["val"]]
-        streams = tr.bucket_streams(coco, info, plan, dict(recipe, batch_size=1), with_targets=False)
-        results, ids = predict_coco_results(model, (next(streams[b]) for b, _ in plan), info.label_to_category_id)
-        return {k: round(v, 4) for k, v in coco_mask_map(str(ann), results, ids).items()}
+        batches = tr.val_batches(coco, info, split["val"], bucket_of, recipe)
+        return {k: round(v, 4) for k, v in evaluate_coco(model, batches, str(ann), info.label_to_category_id).items()}
 
     rng = np.random.default_rng(a.seed)
     ids = [int(i) for i in rng.permutation(split["train"])]

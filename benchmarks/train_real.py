@@ -128,6 +128,13 @@ def open_dataset(ann, image_root, recipe):
     return info, coco, assign_buckets(coco, info.image_ids, recipe["scale"], recipe["buckets"])
 
 
+def val_batches(coco, info, val_ids, bucket_of, recipe):
+    """Evaluation batches: batch 1 (as mmdet's test loop), each image padded to its own bucket."""
+    plan = [(bucket_of[i], [(i, False)]) for i in val_ids]
+    streams = bucket_streams(coco, info, plan, dict(recipe, batch_size=1), with_targets=False)
+    return (next(streams[b]) for b, _ in plan)
+
+
 def instance_counts(coco, ids):
     return np.array([sum(1 for a in coco.imgToAnns.get(i, []) if not a.get("iscrowd", 0)) for i in ids])
 
@@ -413,10 +420,9 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
     model.save_weights(out / "final.weights.h5")
 
     # Evaluation: batch 1 (as mmdet's test loop), each image padded to its bucket.
-    val_plan = [(bucket_of[i], [(i, False)]) for i in val_ids]
-    val_streams = bucket_streams(coco, info, val_plan, dict(recipe, batch_size=1), with_targets=False)
     t0 = time.perf_counter()
-    stats = evaluate_coco(model, (next(val_streams[b]) for b, _ in val_plan), str(ann), info.label_to_category_id)
+    stats = evaluate_coco(model, val_batches(coco, info, val_ids, bucket_of, recipe), str(ann),
+                          info.label_to_category_id)
     eval_s = time.perf_counter() - t0
     shapes = sorted({b for b, _ in plan})
     first_steps = {}

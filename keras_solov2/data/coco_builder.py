@@ -130,8 +130,9 @@ class SOLOv2Coco(tfds.core.GeneratorBasedBuilder):
         }
         file_state = {"annotation_size": st.st_size, "annotation_mtime_ns": st.st_mtime_ns}
         built = json.loads(stamp.read_text()) if stamp.exists() else None
-        if built is not None and {k: built.get(k) for k in file_state} == file_state:
-            source["annotation_sha256"] = built["annotation_sha256"]  # unchanged file: skip the hash
+        unchanged = built is not None and {k: built.get(k) for k in file_state} == file_state
+        if unchanged:
+            source["annotation_sha256"] = built["annotation_sha256"]  # skip the hash
         else:
             source["annotation_sha256"] = hashlib.sha256(ann.read_bytes()).hexdigest()
         if built is not None:
@@ -142,7 +143,7 @@ class SOLOv2Coco(tfds.core.GeneratorBasedBuilder):
                     f"now names {source['annotation_file']} (sha256 {source['annotation_sha256'][:12]}…, images "
                     f"{source['image_dir']}). Delete {self.data_dir} to rebuild, or use another config name."
                 )
-            if {k: built.get(k) for k in file_state} == file_state:
+            if unchanged:
                 return
         tmp = stamp.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({**source, **file_state}, indent=1))

@@ -126,13 +126,15 @@ def same_label_intersections(flat, order, labels, valid, subset=True):
     col_stop = ops.maximum(stop, col_start)
     blocked_pairs = ops.sum(col_stop - col_start) * _ROW_BLOCK
 
+    def reorder(pairs, index):  # pairs[b, index[b, i], index[b, j]]
+        pairs = ops.take_along_axis(pairs, index[:, :, None], axis=1)
+        return ops.take_along_axis(pairs, index[:, None, :], axis=2)
+
     def full():
         if subset:
             rows = take_rows(flat, order)
             return binary_intersections(rows, rows)
-        inter = binary_intersections(flat, flat)
-        inter = ops.take_along_axis(inter, order[:, :, None], axis=1)
-        return ops.take_along_axis(inter, order[:, None, :], axis=2)
+        return reorder(binary_intersections(flat, flat), order)
 
     def blocked():
         rows = take_rows(flat, ops.take_along_axis(order, by_label, axis=1))
@@ -147,10 +149,7 @@ def same_label_intersections(flat, order, labels, valid, subset=True):
             return ops.slice_update(acc, [0, r * _ROW_BLOCK, 0], inter)
 
         acc = ops.fori_loop(0, blocks, row_block, ops.zeros((batch, padded, padded), "float32"))
-        # Back to score order.
-        inverse = ops.argsort(by_label, axis=1)
-        acc = ops.take_along_axis(acc[:, :n, :n], inverse[:, :, None], axis=1)
-        return ops.take_along_axis(acc, inverse[:, None, :], axis=2)
+        return reorder(acc[:, :n, :n], ops.argsort(by_label, axis=1))  # back to score order
 
     return ops.cond(
         ops.cast(blocked_pairs, "float32") > _BLOCKED_MAX_FRACTION * ops.cast(padded * padded, "float32"),
