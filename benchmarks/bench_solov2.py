@@ -57,6 +57,15 @@ def timeit(fn, warmup, runs):
     return {"median": 1e3 * statistics.median(ts), "min": 1e3 * min(ts), "max": 1e3 * max(ts), "n": runs}
 
 
+def timeit_or_error(fn, warmup, runs):
+    """`timeit`, or `{"error": ...}` when the function does not compile (XLA)."""
+    try:
+        return timeit(fn, warmup, runs)
+    except Exception as e:  # noqa: BLE001 - any compile failure is the measurement
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        return {"error": f"{type(e).__name__}: {first[:200]}"}
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -102,6 +111,8 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     padded = np.pad(images, [(0, 0), (0, ph - h), (0, pw - w), (0, 0)])
     kw = {"jit_compile": jit_compile, "reduce_retracing": True}
     dtype = model.compute_dtype
+    # Under XLA a graph that does not compile is a result, not a crash.
+    measure = timeit_or_error if jit_compile else timeit
 
     def backbone_fn(x):
         return model.neck(model.feature_extractor(x))
@@ -120,18 +131,19 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     res = {"input_hw": [h, w], "padded_hw": [ph, pw], "dtype_policy": model.dtype_policy.name}
     res["gflop_backbone_neck"] = graph_gflop(backbone_fn, tf.TensorSpec(normalised.shape, dtype))
     res["gflop_head"] = graph_gflop(head_fn, [tf.TensorSpec(p.shape, p.dtype) for p in pyramid])
-    res["backbone_neck_ms"] = timeit(lambda: backbone(normalised), warmup, runs)
-    res["head_forward_ms"] = timeit(lambda: head(pyramid), warmup, runs)
+    res["backbone_neck_ms"] = measure(lambda: backbone(normalised), warmup, runs)
+    res["head_forward_ms"] = measure(lambda: head(pyramid), warmup, runs)
     res["postprocess_ms_random_weights"] = timeit(lambda: post(outputs), warmup, runs)
     res["num_dets_random_weights"] = int(post(outputs)["num_detections"][0])
-    res["full_predict_ms"] = timeit(lambda: full(images), warmup, runs)
+    res["full_predict_ms"] = measure(lambda: full(images), warmup, runs)
     # The same with every kernel branch computed (random weights leave every
     # level without a candidate, so `predict` skips all of them): the cost
     # for images with candidates on every level, and mmdet's way.
     dense = tf.function(lambda x: model.decode(model(x, training=False)), **kw)
-    res["full_predict_all_branches_ms"] = timeit(lambda: dense(padded), warmup, runs)
+    res["full_predict_all_branches_ms"] = measure(lambda: dense(padded), warmup, runs)
     for stage in ("backbone_neck", "head"):
-        res[f"gflops_per_s_{stage}"] = res[f"gflop_{stage}"] / (res[f"{stage.replace('head', 'head_forward')}_ms"]["median"] / 1e3)
+        ms = res[f"{stage.replace('head', 'head_forward')}_ms"]
+        res[f"gflops_per_s_{stage}"] = res[f"gflop_{stage}"] / (ms["median"] / 1e3) if "median" in ms else 0.0
     res["forced"] = {}
     for k in forced_ks:
         o = forced_outputs(outputs, k)
@@ -158,14 +170,16 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512, jit_compile=False):
             ry, rx = rng.integers(16, 120, 2)
             masks[b, i] = ((yy - cy) ** 2 / ry**2 + (xx - cx) ** 2 / rx**2) <= 1
             labels[b, i] = rng.integers(0, model.num_classes)
-    model.compile()
+    # jit_compile on the model too: the step leaves out its non-finite-loss
+    # report (string formatting), which XLA cannot compile.
+    model.compile(jit_compile=jit_compile)
     data = (tf.constant(images), {"gt_masks": tf.constant(masks), "gt_labels": tf.constant(labels)})
     step = tf.function(model.train_step, jit_compile=jit_compile)
     return {
         "batch": batch,
         "input_hw": [h, w],
         "dtype_policy": model.dtype_policy.name,
-        "train_step_ms": timeit(lambda: step(data), warmup, runs),
+        "train_step_ms": (timeit_or_error if jit_compile else timeit)(lambda: step(data), warmup, runs),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -337,10 +351,12 @@ def table(ours, peer):
     rows = []
 
     def fmt(ms):
+        if "error" in ms:
+            return "does not compile"
         return f"{ms['median']:.0f} ({ms['min']:.0f}–{ms['max']:.0f})"
 
     def add(name, ms=None, ref=None, text=None):
-        ratio = f"{ms['median'] / ref['median']:.2f}" if ms and ref else ""
+        ratio = f"{ms['median'] / ref['median']:.2f}" if ms and ref and "median" in ms else ""
         rows.append((name, text if text is not None else fmt(ms), fmt(ref) if ref else "", ratio))
 
     def get(d, *keys):

@@ -27,3 +27,26 @@ def test_r50_trains_at_512_without_nan():
     assert all(np.isfinite(history.history["loss"]))
     assert history.history["loss"][1] < history.history["loss"][0] * 1.5
     assert isinstance(model.optimizer, keras.optimizers.SGD)
+
+
+def test_xla_train_step_matches_the_default_step_and_predict_still_runs():
+    """compile(jit_compile=True): the XLA-compiled train step gives the losses
+    and weights of the default step (same init, same batches); predict, whose
+    candidate count is dynamic, runs without XLA. (Minutes: the XLA compile.)"""
+    from tests.test_model import tiny_model
+
+    images, y = synthetic_batch(n=2)
+    runs = {}
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        model = tiny_model(frozen_stages=-1, norm_eval=False)
+        model.compile(jit_compile=jit)
+        assert model.jit_compile is jit
+        history = model.fit(images, y, batch_size=2, epochs=3, verbose=0)
+        runs[jit] = (history.history, model.get_weights(), model)
+    for key in ("loss", "loss_cls", "loss_mask"):
+        np.testing.assert_allclose(runs[True][0][key], runs[False][0][key], rtol=2e-3, err_msg=key)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)
+    out = runs[True][2].predict(images[:1], verbose=0)
+    assert out["masks"].shape[0] == 1

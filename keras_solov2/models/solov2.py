@@ -588,9 +588,11 @@ class SOLOv2(keras.Model):
 
         `TerminateOnNaN` then stops `fit`; the ids say which images to check.
         (Under `mixed_float16` a non-finite loss is the loss scale's normal
-        overflow signal, skipped by the optimizer, and is not reported.)
+        overflow signal, skipped by the optimizer, and is not reported. Under
+        `jit_compile=True` there is no report: XLA cannot format strings;
+        `TerminateOnNaN` still stops at that batch.)
         """
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) or self.jit_compile:
             return
         x = data[0] if isinstance(data, (tuple, list)) else data
         ids = x.get("image_id") if isinstance(x, dict) else None
@@ -607,6 +609,16 @@ class SOLOv2(keras.Model):
             return tf.constant(False)
 
         tf.cond(finite, lambda: tf.constant(True), report)
+
+    def make_predict_function(self, force=False):
+        # Post-processing keeps as many candidates as the image has (dynamic
+        # shapes), which XLA cannot compile: predict runs without it even
+        # when the model was compiled with jit_compile=True for training.
+        jit_compile, self._jit_compile = self._jit_compile, False
+        try:
+            return super().make_predict_function(force)
+        finally:
+            self._jit_compile = jit_compile
 
     def test_step(self, data):
         images, y = self._unpack(data)
