@@ -57,8 +57,11 @@ def timeit(fn, warmup, runs):
     return {"median": 1e3 * statistics.median(ts), "min": 1e3 * min(ts), "max": 1e3 * max(ts), "n": runs}
 
 
-def timeit_or_error(fn, warmup, runs):
-    """`timeit`, or `{"error": ...}` when the function does not compile (XLA)."""
+def timeit_graph(fn, warmup, runs, jit_compile):
+    """`timeit`; under XLA, a function that does not compile gives `{"error": ...}`
+    (a result, not a crash)."""
+    if not jit_compile:
+        return timeit(fn, warmup, runs)
     try:
         return timeit(fn, warmup, runs)
     except Exception as e:  # noqa: BLE001 - any compile failure is the measurement
@@ -111,8 +114,6 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     padded = np.pad(images, [(0, 0), (0, ph - h), (0, pw - w), (0, 0)])
     kw = {"jit_compile": jit_compile, "reduce_retracing": True}
     dtype = model.compute_dtype
-    # Under XLA a graph that does not compile is a result, not a crash.
-    measure = timeit_or_error if jit_compile else timeit
 
     def backbone_fn(x):
         return model.neck(model.feature_extractor(x))
@@ -131,16 +132,16 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     res = {"input_hw": [h, w], "padded_hw": [ph, pw], "dtype_policy": model.dtype_policy.name}
     res["gflop_backbone_neck"] = graph_gflop(backbone_fn, tf.TensorSpec(normalised.shape, dtype))
     res["gflop_head"] = graph_gflop(head_fn, [tf.TensorSpec(p.shape, p.dtype) for p in pyramid])
-    res["backbone_neck_ms"] = measure(lambda: backbone(normalised), warmup, runs)
-    res["head_forward_ms"] = measure(lambda: head(pyramid), warmup, runs)
+    res["backbone_neck_ms"] = timeit_graph(lambda: backbone(normalised), warmup, runs, jit_compile)
+    res["head_forward_ms"] = timeit_graph(lambda: head(pyramid), warmup, runs, jit_compile)
     res["postprocess_ms_random_weights"] = timeit(lambda: post(outputs), warmup, runs)
     res["num_dets_random_weights"] = int(post(outputs)["num_detections"][0])
-    res["full_predict_ms"] = measure(lambda: full(images), warmup, runs)
+    res["full_predict_ms"] = timeit_graph(lambda: full(images), warmup, runs, jit_compile)
     # The same with every kernel branch computed (random weights leave every
     # level without a candidate, so `predict` skips all of them): the cost
     # for images with candidates on every level, and mmdet's way.
     dense = tf.function(lambda x: model.decode(model(x, training=False)), **kw)
-    res["full_predict_all_branches_ms"] = measure(lambda: dense(padded), warmup, runs)
+    res["full_predict_all_branches_ms"] = timeit_graph(lambda: dense(padded), warmup, runs, jit_compile)
     for stage in ("backbone_neck", "head"):
         ms = res[f"{stage.replace('head', 'head_forward')}_ms"]
         res[f"gflops_per_s_{stage}"] = res[f"gflop_{stage}"] / (ms["median"] / 1e3) if "median" in ms else 0.0
@@ -179,7 +180,7 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512, jit_compile=False):
         "batch": batch,
         "input_hw": [h, w],
         "dtype_policy": model.dtype_policy.name,
-        "train_step_ms": (timeit_or_error if jit_compile else timeit)(lambda: step(data), warmup, runs),
+        "train_step_ms": timeit_graph(lambda: step(data), warmup, runs, jit_compile),
         "peak_rss_mb": peak_rss_mb(),
     }
 

@@ -32,7 +32,7 @@ def test_r50_trains_at_512_without_nan():
 def test_xla_train_step_matches_the_default_step_and_predict_still_runs():
     """compile(jit_compile=True): the XLA-compiled train step gives the losses
     and weights of the default step (same init, same batches); predict, whose
-    candidate count is dynamic, runs without XLA. (Minutes: the XLA compile.)"""
+    candidate count is dynamic, runs without XLA. (About a minute: the XLA compile.)"""
     from tests.test_model import tiny_model
 
     images, y = synthetic_batch(n=2)
