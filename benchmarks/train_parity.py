@@ -136,7 +136,8 @@ def dump_batches(work, steps, seed=0):
     train_ids, _ = split_ids(info.image_ids, 0.2, seed)
     ids = [i for i in train_ids if bucket_of[i] == 0][: 4 * steps]
     slots = max(int(n) for n in tr.instance_counts(coco, ids))
-    stream = tr.make_stream(coco, info, [(i, False) for i in ids], recipe["scale"], (384, 384), 4, slots)
+    stream = tr.make_stream(coco, info, [(i, False) for i in ids], recipe["scale"], (384, 384), 4, slots,
+                            fixed_slots=True)
     images, masks, labels = [], [], []
     for x, y in stream.take(steps):
         images.append(x["images"].numpy())

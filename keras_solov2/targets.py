@@ -203,7 +203,8 @@ def assign_targets(
     geometry = instance_geometry(gt_masks)
     gt_labels = ops.cast(gt_labels, "int32")
     active = ops.logical_and(gt_labels >= 0, geometry["area"] > 0)
-    num_slots = gt_labels.shape[1]
+    # The slot count may be dynamic (the loss trims unused slots).
+    batch, num_slots = ops.shape(gt_labels)[0], ops.shape(gt_labels)[1]
     slot_rank = ops.arange(1, num_slots + 1, dtype="int32")[None, :]
 
     labels, positive, pair_cells, pair_valid = [], [], [], []
@@ -246,8 +247,8 @@ def assign_targets(
         ok = ops.logical_and(ok, in_level[..., None, None])
         # Invalid slots point at cell 0 so that gathers stay in range.
         cells = ops.where(ok, offset + rows[..., :, None] * num_grid + cols[..., None, :], 0)
-        pair_cells.append(ops.reshape(cells, (-1, num_slots, 9)))
-        pair_valid.append(ops.reshape(ok, (-1, num_slots, 9)))
+        pair_cells.append(ops.reshape(cells, (batch, num_slots, 9)))
+        pair_valid.append(ops.reshape(ok, (batch, num_slots, 9)))
         offset += num_grid * num_grid
 
     num_pos = sum(ops.sum(ops.cast(p, "int32")) for p in positive)

@@ -93,3 +93,31 @@ def test_focal_and_dice_hand_computed():
     good = float(losses.dice_loss(np.where(t > 0, 20.0, -20.0), t)[0])
     bad = float(losses.dice_loss(np.where(t > 0, -20.0, 20.0), t)[0])
     assert good < 1e-3 and bad > 0.999
+
+
+def test_unused_slots_and_pairs_are_trimmed_without_changing_the_loss():
+    """Without XLA the loss runs on the slots and pairs the batch uses; with
+    `jit_compile` on the static `M` slots and `max_pos_pairs` pairs. Same sums,
+    also for a padding slot between real ones and an open slot axis."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(4)
+    masks, labels = non_square_instances(160, 224)
+    gt_masks = np.zeros((2, 40, 160, 224), np.uint8)
+    gt_labels = -np.ones((2, 40), np.int32)
+    slots = [0, 1, 2, 3, 4, 5, 8]  # padding between real slots
+    gt_masks[0, slots], gt_labels[0, slots] = masks, labels
+    gt_masks[1, [0, 2]], gt_labels[1, [0, 2]] = masks[5:], labels[5:]
+    outputs = _random_outputs(rng, 2, 160, 224, 3, 8)
+    model = _model(3, e=8, max_pos_pairs=1000)
+    trimmed = model.compute_solov2_loss(outputs, gt_masks, gt_labels)
+    model.jit_compile = True  # the static path (run eagerly here)
+    static = model.compute_solov2_loss(outputs, gt_masks, gt_labels)
+    model.jit_compile = False
+    spec = [tf.TensorSpec((2, None, 160, 224), tf.uint8), tf.TensorSpec((2, None), tf.int32)]
+    open_slots = tf.function(lambda m, lab: model.compute_solov2_loss(outputs, m, lab), input_signature=spec)
+    any_m = open_slots(gt_masks[:, :9], gt_labels[:, :9])
+    assert float(static["num_pos"]) > 0
+    for key in ("loss_cls", "loss_mask", "num_pos"):
+        np.testing.assert_allclose(float(trimmed[key]), float(static[key]), rtol=1e-6)
+        np.testing.assert_allclose(float(any_m[key]), float(static[key]), rtol=1e-6)

@@ -63,11 +63,14 @@ class SOLOv2(keras.Model):
             mmdet's test_cfg.
         max_candidates: static cap on (cell, class) candidates above
             `score_thr` that get masks at inference.
-        max_pos_pairs: static cap on positive (instance, cell) pairs per
-            image whose masks enter the dice loss in a step. Past it, a
-            random subset of that size is used and its mean is scaled to the
-            full count (an unbiased estimate of mmdet's sum); the category
-            loss always uses every cell.
+        max_pos_pairs: cap on positive (instance, cell) pairs per image
+            whose masks enter the dice loss in a step. Past it, a random
+            subset of that size is used and its mean is scaled to the full
+            count (an unbiased estimate of mmdet's sum); the category loss
+            always uses every cell. Without XLA a step computes masks only
+            for the pairs of its image that has most (and targets only for
+            the instance slots in use); under `jit_compile=True` shapes are
+            static: every slot and `max_pos_pairs` masks per image.
         focal_alpha, focal_gamma, loss_cls_weight, loss_mask_weight: loss
             settings (mmdet: 0.25, 2.0, 1.0, 3.0).
         class_names: optional list of `num_classes` names.
@@ -355,6 +358,18 @@ class SOLOv2(keras.Model):
             `num_pos` (this batch's unique positive cells).
         """
         gt_labels = self._check_labels(gt_labels)
+        num_slots = gt_labels.shape[1]  # None: any (without XLA)
+        pairs_per_slot = len(self.num_grids) * 9
+        k = self.max_pos_pairs if num_slots is None else min(self.max_pos_pairs, num_slots * pairs_per_slot)
+        # Without XLA, trim to the slots and pairs this batch uses: slots are
+        # padded for the densest image of the dataset (DSB2018: 375 nuclei)
+        # while a typical batch uses a fifth of them; the sums are the same.
+        dynamic = not self.jit_compile
+        if dynamic:
+            rank = ops.arange(1, ops.shape(gt_labels)[1] + 1, dtype="int32")[None]
+            used = ops.where(gt_labels >= 0, rank, 0)
+            used = ops.maximum(ops.max(used), 1)
+            gt_masks, gt_labels = gt_masks[:, :used], gt_labels[:, :used]
         t = self._targets(gt_masks, gt_labels)
         local_pos = ops.cast(t["num_pos"], "float32")
         num_pos = local_pos if reduce_num_pos is None else reduce_num_pos(local_pos)
@@ -374,11 +389,12 @@ class SOLOv2(keras.Model):
 
         # Masks: positive (instance, cell) pairs, capped per image.
         batch = ops.shape(gt_labels)[0]
-        num_slots = gt_labels.shape[1]
-        pairs_per_slot = len(self.num_grids) * 9
-        pair_cells = ops.reshape(t["pair_cells"], (batch, num_slots * pairs_per_slot))
-        pair_valid = ops.reshape(t["pair_valid"], (batch, num_slots * pairs_per_slot))
-        k = min(self.max_pos_pairs, num_slots * pairs_per_slot)
+        pair_cells = ops.reshape(t["pair_cells"], (batch, -1))
+        pair_valid = ops.reshape(t["pair_valid"], (batch, -1))
+        if dynamic:
+            # The valid pairs of the image that has most (k stays the cap).
+            most = ops.max(ops.sum(ops.cast(pair_valid, "int32"), axis=1))
+            k = ops.minimum(k, ops.maximum(most, 1))
         noise = keras.random.uniform(ops.shape(pair_valid), seed=self.seed_generator)
         priority = ops.where(pair_valid, 1.0 + noise, 0.0)
         _, chosen = ops.top_k(priority, k=k, sorted=False)
