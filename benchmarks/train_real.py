@@ -208,12 +208,11 @@ def make_stream(coco, info, examples, scale, pad_to, batch_size, max_instances, 
     real instances (at most `max_instances`) are resized
     (`resize_flip_pad`). A batch's instance slots are padded to its densest
     image (`gt_masks` `(B, None, H, W)`; the loss trims to the used slots
-    anyway, and padding every DSB image to 375 slots cost the input
-    pipeline 0.3 s of CPU per batch), or to `max_instances` with
+    anyway, and padding every DSB image to 384 slots cost the input
+    pipeline ≈0.3 s of CPU per batch), or to `max_instances` with
     `fixed_slots`. Without `with_targets` (evaluation) `y` holds one empty
     slot.
     """
-
     import tensorflow as tf
     from PIL import Image
 

@@ -14,9 +14,10 @@ Semantics are exactly mmdetection 3.3's `SOLOV2Head._get_targets_single`
 * mask targets are the gt masks rescaled by `1 / mask_stride` the way
   `mmcv.imrescale` (cv2 `INTER_LINEAR` on uint8) does, bit for bit.
 
-Everything has static shapes: `M` instance slots per image (label `-1` =
-padding) and, per instance and level, 9 candidate cells of which the valid
-ones are the positive (instance, cell) pairs. mmdet counts a cell once per
+Shapes are fixed by the input: `M` instance slots per image (label `-1` =
+padding; `M` may be a dynamic dimension, `H`, `W` must be static) and, per
+instance and level, 9 candidate cells of which the valid ones are the
+positive (instance, cell) pairs. mmdet counts a cell once per
 instance that claims it, so pairs can repeat a cell; that is kept.
 """
 
@@ -178,7 +179,7 @@ def assign_targets(
 
     Args:
         gt_masks: `(B, M, H, W)` 0/1 masks at the padded image size
-            (static `M`, `H`, `W`).
+            (static `H`, `W`).
         gt_labels: `(B, M)` int contiguous labels in `[0, num_classes)`,
             `-1` for padding slots (and anything to ignore, e.g. crowds).
         num_classes: int, background label = `num_classes`.

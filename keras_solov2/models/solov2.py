@@ -344,7 +344,8 @@ class SOLOv2(keras.Model):
 
         Args:
             outputs: `model(images)` outputs.
-            gt_masks: `(B, M, H, W)` uint8 {0,1} at the padded image size.
+            gt_masks: `(B, M, H, W)` uint8 {0,1} at the padded image size
+                (static `H`, `W`; `M` may be dynamic unless under XLA).
             gt_labels: `(B, M)` int, `-1` for padding / ignored instances.
             reduce_num_pos: optional function of this batch's number of
                 positive cells returning the normaliser to use; `train_step`
