@@ -16,11 +16,13 @@ init), `frozen_stages=-1`, `norm_eval=False`; keep-ratio resize to the
 recipe's scale for training and test, flip 0.5 (padding /32 in the data
 preprocessor); batch size, SGD, clip, `LinearLR` warm-up and `MultiStepLR`
 as in `train_real.py`; mmdet's `AspectRatioBatchSampler`; `num_workers=0`
-(2 cores: torch's two threads do the work); seed as `--seed`.
+(2 cores: torch's two threads do the work); mmengine's seed is `--train-seed`
+(default `--seed`, which makes the split).
 
 Usage:
     python benchmarks/peer_train_real.py dsb2018|pennfudan --peer-python /work/peer/venv/bin/python
-                                         [--output DIR] [--seed 0] [--val-fraction 0.2] [--max-images N]
+                                         [--output DIR] [--seed 0] [--train-seed N] [--val-fraction 0.2]
+                                         [--max-images N]
 
 Writes the split's COCO JSONs, the config and mmdet's work dir to `--output`
 (default `/tmp/peer_train_real_<name>`), prints a table and writes
@@ -138,12 +140,14 @@ def epoch_losses(work_dir):
              "lr": rs[-1]["lr"]} for e, rs in sorted(by_epoch.items())]
 
 
-def run(name, peer_python, output=None, seed=0, val_fraction=0.2, max_images=None):
+def run(name, peer_python, output=None, seed=0, val_fraction=0.2, max_images=None, train_seed=None):
     from keras_solov2.data.coco_folder import split_ids
 
     recipe = train_real.RECIPES[name]
     smoke = max_images is not None
-    out = Path(output or f"/tmp/peer_train_real_{name}{'_smoke' if smoke else ''}").resolve()
+    train_seed = seed if train_seed is None else train_seed
+    tag = ("" if train_seed == seed else f"_train_seed{train_seed}") + ("_smoke" if smoke else "")
+    out = Path(output or f"/tmp/peer_train_real_{name}{tag}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     ann, image_root, _ = train_real.import_dataset(name, out)
     coco_json = json.loads(Path(ann).read_text())
@@ -163,7 +167,7 @@ def run(name, peer_python, output=None, seed=0, val_fraction=0.2, max_images=Non
         val_json_abs=str(out / "val.json"), image_root=str(Path(image_root).resolve()) + "/",
         base_lr=recipe["base_lr"], warmup_ratio=recipe["warmup_ratio"], warmup_steps=recipe["warmup_steps"],
         epochs=recipe["epochs"], epochs_plus_one=recipe["epochs"] + 1, milestones=list(recipe["milestones"]),
-        seed=seed))
+        seed=train_seed))
     driver = DRIVER.format(peer=str(PEER), config=str(config), work_dir=str(out / "work"))
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     print(f"{name}: {len(train_ids)} train / {len(val_ids)} val images; mmdet run in {out / 'work'} "
@@ -193,6 +197,7 @@ def run(name, peer_python, output=None, seed=0, val_fraction=0.2, max_images=Non
         "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in recipe.items()
                    if k in ("scale", "batch_size", "base_lr", "warmup_steps", "warmup_ratio", "epochs", "milestones")},
         "test_cfg": train_real.TEST_CFG,
+        "train_seed": train_seed,
         "split": {"seed": seed, "val_fraction": val_fraction, "train_images": len(train_ids),
                   "val_images": len(val_ids), "same_as": "benchmarks/train_real.py with the same seed / val fraction"},
         # runner.train() ends with one validation pass as long as the driver's.
@@ -207,9 +212,10 @@ def run(name, peer_python, output=None, seed=0, val_fraction=0.2, max_images=Non
                  "APm": round(m["coco/segm_mAP_m"], 4), "APl": round(m["coco/segm_mAP_l"], 4)},
     }
     train_real.RESULTS.mkdir(parents=True, exist_ok=True)
-    path = train_real.RESULTS / f"peer_train_real_{name}{'_smoke' if smoke else ''}.json"
+    path = train_real.RESULTS / f"peer_train_real_{name}{tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nmmdetection 3.3 on train_real's {name} split (seed {seed}): {len(train_ids)} / {len(val_ids)} images")
+    print(f"\nmmdetection 3.3 on train_real's {name} split (seed {seed}, train seed {train_seed}): "
+          f"{len(train_ids)} / {len(val_ids)} images")
     print(f"  train time  {result['train_seconds'] / 60:.1f} min ({peer['threads']} threads)")
     for k in ("AP", "AP50", "AP75"):
         print(f"  mask {k:<5}  {result['mask'][k]:.3f}")
@@ -223,13 +229,15 @@ def main():
     ap.add_argument("--peer-python", default=os.environ.get("SOLOV2_PEER_PYTHON"),
                     help="python of the mmdet venv (or $SOLOV2_PEER_PYTHON)")
     ap.add_argument("--output", help="run folder; default /tmp/peer_train_real_<name>")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the split's seed (and mmengine's, by default)")
+    ap.add_argument("--train-seed", type=int, help="mmengine's seed: init, sampler order, flips (default: --seed)")
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--max-images", type=int, help="first N images only (smoke run)")
     args = ap.parse_args()
     if not args.peer_python:
         ap.error("--peer-python (or SOLOV2_PEER_PYTHON) is required: see ../shared/peer/README.md")
-    run(args.dataset, args.peer_python, args.output, args.seed, args.val_fraction, args.max_images)
+    run(args.dataset, args.peer_python, args.output, args.seed, args.val_fraction, args.max_images,
+        args.train_seed)
 
 
 if __name__ == "__main__":

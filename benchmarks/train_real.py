@@ -45,7 +45,7 @@ validation image (`evaluation.evaluate_coco`).
 Usage:
     python benchmarks/train_real.py dsb2018|pennfudan [--epochs N] [--output DIR]
                                     [--max-images N] [--val-fraction 0.2] [--seed 0]
-                                    [--dtype mixed_bfloat16]
+                                    [--dtype mixed_bfloat16] [--train-seed N]
 
 `--output` (default `/tmp/train_real_<name>`) receives the COCO JSON, the
 split, `log.csv` and the final weights. `--max-images N` keeps the first N
@@ -383,7 +383,7 @@ def train_loop(model, plan, streams, epochs, steps, log_path):
     return times, epoch_logs, nan_step
 
 
-def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=0, dtype=None):
+def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=0, dtype=None, train_seed=None):
     import keras
     import tensorflow as tf
 
@@ -398,10 +398,13 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
         # Keep the milestones at the same fractions of the run.
         recipe["milestones"] = tuple(m * epochs / recipe["epochs"] for m in recipe["milestones"])
         recipe["epochs"] = epochs
-    tag = "" if dtype in (None, "float32") else f"_{dtype}"
+    # The split is `seed`'s; `train_seed` (default `seed`) draws the init, batch order and flips,
+    # so several runs on one split measure the run-to-run spread.
+    train_seed = seed if train_seed is None else train_seed
+    tag = ("" if dtype in (None, "float32") else f"_{dtype}") + ("" if train_seed == seed else f"_train_seed{train_seed}")
     out = Path(output or f"/tmp/train_real_{name}{tag}{'_smoke' if smoke else ''}")
     out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(train_seed)
 
     ann, image_root, _ = import_dataset(name, out)
     info, coco, bucket_of = open_dataset(ann, image_root, recipe)
@@ -438,7 +441,7 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
                               warmup_steps=recipe["warmup_steps"], warmup_ratio=recipe["warmup_ratio"])
     model.compile(keras.optimizers.SGD(lr, momentum=0.9), weight_decay=1e-4, grad_clip_norm=35.0)
     shape_of = {i: padded_shape(coco.imgs[i]["height"], coco.imgs[i]["width"], recipe["scale"]) for i in train_ids}
-    plan = batch_plan(train_ids, shape_of, recipe["buckets"], bs, recipe["epochs"] * steps, seed)
+    plan = batch_plan(train_ids, shape_of, recipe["buckets"], bs, recipe["epochs"] * steps, train_seed)
     streams = bucket_streams(coco, info, plan, recipe)
     print(f"training {recipe['epochs']} epochs x {steps} steps (batch {bs}), lr {recipe['base_lr']} "
           f"x0.1 at steps {milestone_steps}", flush=True)
@@ -476,6 +479,7 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
         "milestone_steps": milestone_steps,
         "max_pos_pairs": max_pos_pairs,
         "test_cfg": TEST_CFG,
+        "train_seed": train_seed,
         "split": {"seed": seed, "val_fraction": val_fraction, "train_images": len(train_ids),
                   "val_images": len(val_ids), "train_instances": int(n_train.sum()),
                   "val_instances": int(n_val.sum()), "max_instances_per_train_image": int(n_train.max()),
@@ -543,10 +547,12 @@ def main():
     ap.add_argument("--output", help="run folder (COCO JSON, split, weights, log); default /tmp/train_real_<name>")
     ap.add_argument("--max-images", type=int, help="first N images only (smoke run)")
     ap.add_argument("--val-fraction", type=float, default=0.2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the split's seed (and the training's, by default)")
+    ap.add_argument("--train-seed", type=int, help="init, batch order and flips (default: --seed)")
     ap.add_argument("--dtype", default=None, help="dtype policy, e.g. mixed_bfloat16 (default float32)")
     args = ap.parse_args()
-    run(args.dataset, args.epochs, args.output, args.max_images, args.val_fraction, args.seed, args.dtype)
+    run(args.dataset, args.epochs, args.output, args.max_images, args.val_fraction, args.seed, args.dtype,
+        args.train_seed)
 
 
 if __name__ == "__main__":
