@@ -401,7 +401,8 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
     # The split is `seed`'s; `train_seed` (default `seed`) draws the init, batch order and flips,
     # so several runs on one split measure the run-to-run spread.
     train_seed = seed if train_seed is None else train_seed
-    tag = ("" if dtype in (None, "float32") else f"_{dtype}") + ("" if train_seed == seed else f"_train_seed{train_seed}")
+    tag = "" if dtype in (None, "float32") else f"_{dtype}"
+    tag += "" if train_seed == seed else f"_train_seed{train_seed}"
     out = Path(output or f"/tmp/train_real_{name}{tag}{'_smoke' if smoke else ''}")
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_seed)
@@ -534,7 +535,8 @@ def print_table(r):
     if ref:
         rows.append(("reference", f"{ref['implementation']}: ~{ref['train_minutes']} min, "
                                   f"AP {ref['mask_AP']}, AP50 {ref['mask_AP50']}"))
-    print(f"\n{r['dataset']}{' (smoke)' if r['smoke'] else ''}: {r['dtype_policy']}, init as mmdet's")
+    print(f"\n{r['dataset']}{' (smoke)' if r['smoke'] else ''}: {r['dtype_policy']}, init as mmdet's, "
+          f"split seed {s['seed']}, train seed {r['train_seed']}")
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
