@@ -145,8 +145,8 @@ def run(name, peer_python, output=None, seed=0, val_fraction=0.2, max_images=Non
 
     recipe = train_real.RECIPES[name]
     smoke = max_images is not None
-    train_seed = seed if train_seed is None else train_seed
-    tag = ("" if train_seed == seed else f"_train_seed{train_seed}") + ("_smoke" if smoke else "")
+    train_seed, tag = train_real.train_seed_and_tag(seed, train_seed)
+    tag += "_smoke" if smoke else ""
     out = Path(output or f"/tmp/peer_train_real_{name}{tag}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     ann, image_root, _ = train_real.import_dataset(name, out)

@@ -106,6 +106,16 @@ RECIPES = {
 }
 
 
+def train_seed_and_tag(seed, train_seed):
+    """`train_seed` (default: the split's `seed`) and the `_train_seed<N>` file-name tag it adds
+    (empty for the default), shared with `peer_train_real.py` so both name their results alike.
+
+    The split is `seed`'s; `train_seed` draws the init, batch order and flips, so several runs
+    on one split measure the run-to-run spread."""
+    train_seed = seed if train_seed is None else train_seed
+    return train_seed, "" if train_seed == seed else f"_train_seed{train_seed}"
+
+
 def import_dataset(name, out_dir):
     """The dataset as a COCO JSON in `out_dir` → `(annotation_file, image_root, report)`."""
     from keras_solov2.data.importers import import_instance_folders, import_instance_png
@@ -398,11 +408,8 @@ def run(name, epochs=None, output=None, max_images=None, val_fraction=0.2, seed=
         # Keep the milestones at the same fractions of the run.
         recipe["milestones"] = tuple(m * epochs / recipe["epochs"] for m in recipe["milestones"])
         recipe["epochs"] = epochs
-    # The split is `seed`'s; `train_seed` (default `seed`) draws the init, batch order and flips,
-    # so several runs on one split measure the run-to-run spread.
-    train_seed = seed if train_seed is None else train_seed
-    tag = "" if dtype in (None, "float32") else f"_{dtype}"
-    tag += "" if train_seed == seed else f"_train_seed{train_seed}"
+    train_seed, seed_tag = train_seed_and_tag(seed, train_seed)
+    tag = ("" if dtype in (None, "float32") else f"_{dtype}") + seed_tag
     out = Path(output or f"/tmp/train_real_{name}{tag}{'_smoke' if smoke else ''}")
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_seed)
