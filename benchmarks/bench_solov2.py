@@ -16,6 +16,8 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   `mixed_bfloat16`: the bfloat16 inference path);
 * one train step, R50 batch 2 at 512×512 with 2–4 instances per image
   (median step time and the peak RSS of the process that ran it), per policy;
+  with `--with-cp` also with `SOLOv2(with_cp=True)` (backbone stages
+  recomputed in the backward pass);
 * Matrix NMS alone: N = 100, 500 box masks at 200×336, gaussian and linear;
 * retracing: `model.predict` on several image sizes in one process, and the
   number of graphs it compiled.
@@ -27,7 +29,7 @@ SOLOV2_PEER_PYTHON) runs the peer script after ours and prints ours/mmdet
 ratios. See benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--dtypes float32,mixed_bfloat16]
-       [--skip infer,train,nms,retrace] [--jit-compile] [--peer-python P] [--out FILE]
+       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--peer-python P] [--out FILE]
 """
 
 import argparse
@@ -248,8 +250,8 @@ def run_section(a, section, dtype):
     if section == "infer_light":
         model = SOLOv2.from_architecture("solov2_light_r18", dtype=dtype)
         return bench_predict(model, 448, 768, a.warmup, a.runs, [], a.jit_compile)
-    if section == "train":
-        model = SOLOv2.from_architecture("solov2_r50", dtype=dtype)
+    if section in ("train", "train_cp"):
+        model = SOLOv2.from_architecture("solov2_r50", dtype=dtype, with_cp=section == "train_cp")
         return bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile)
     if section == "retrace":
         return bench_retrace(SOLOv2.from_architecture("solov2_r50", dtype=dtype))
@@ -276,6 +278,8 @@ def run_ours(a):
             sections += [(f"infer:{s}", dtype) for s in a.sizes.split(",")] + [("infer_light", dtype)]
         if "train" not in skip:
             sections.append(("train", dtype))
+            if a.with_cp:
+                sections.append(("train_cp", dtype))
         if "retrace" not in skip:
             sections.append(("retrace", dtype))
     import tensorflow as tf
@@ -387,8 +391,9 @@ def table(ours, peer):
             add("  peak RSS MB (process)", text=f"{r['process_peak_rss_mb']:.0f}")
         elif section == "infer_light":
             add(f"predict light R18 448x768{tag} full", r["full_predict_ms"])
-        elif section == "train":
-            add(f"train step R50 b2 512²{tag}", r["train_step_ms"], get(peer, "train", "train_step_ms"))
+        elif section in ("train", "train_cp"):
+            cp = " with_cp" if section == "train_cp" else ""
+            add(f"train step R50 b2 512²{tag}{cp}", r["train_step_ms"], get(peer, "train", "train_step_ms"))
             ref_rss = get(peer, "process_peak_rss_mb_train")
             rows.append(("  peak RSS MB (process)", f"{r['process_peak_rss_mb']:.0f}",
                          f"{ref_rss:.0f}" if ref_rss else "",
@@ -419,6 +424,7 @@ def main():
     ap.add_argument("--dtypes", default="float32,mixed_bfloat16", help="dtype policies to measure")
     ap.add_argument("--skip", default="", help="comma list of: infer,train,nms,retrace")
     ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict/train step")
+    ap.add_argument("--with-cp", action="store_true", help="also the train step with SOLOv2(with_cp=True)")
     ap.add_argument("--peer-python", default=None, help="python of an mmdet 3.3 venv (../shared/peer)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench.json"))
     ap.add_argument("--section", help=argparse.SUPPRESS)

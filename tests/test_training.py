@@ -3,6 +3,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_solov2  # noqa: F401
+from keras_solov2 import SOLOv2
 from tests.test_model import tiny_model
 
 
@@ -67,3 +68,39 @@ def test_non_finite_loss_names_the_batch_images_and_stops(capfd):
     assert "non-finite loss" in err and "[101 202]" in err, err[-2000:]
     assert np.isnan(history.history["loss"][0])
     assert model.stop_training
+
+
+def _conv_ops_in_train_step(model, images, y):
+    step = tf.function(model.train_step)
+    graph = step.get_concrete_function((tf.constant(images), y)).graph
+    return sum(op.type == "Conv2D" for op in graph.get_operations())
+
+
+def test_with_cp_recomputes_backbone_stages_and_trains_the_same():
+    """with_cp: the trainable stages' forward runs again in the backward pass
+    (more Conv2D ops in the step's graph), and one SGD step gives the same
+    loss and weights as without it."""
+    images, y = synthetic_batch(n=2)
+    y = {k: tf.constant(v) for k, v in y.items()}
+    plain = tiny_model()
+    checkpointed = tiny_model(with_cp=True)
+    checkpointed.set_weights(plain.get_weights())
+    for model in (plain, checkpointed):
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), grad_clip_norm=None)
+    # Stages 2-4 of the tiny R18 (1 block each: 2 convs + projection) again.
+    assert _conv_ops_in_train_step(checkpointed, images, y) == _conv_ops_in_train_step(plain, images, y) + 9
+    bn = checkpointed.backbone.get_layer("stack2_block0_1_bn")
+    moving_mean = keras.ops.convert_to_numpy(bn.moving_mean)
+    logs = [model.train_on_batch(images, y, return_dict=True) for model in (plain, checkpointed)]
+    np.testing.assert_allclose(logs[1]["loss"], logs[0]["loss"], rtol=1e-5)
+    for a, b in zip(plain.trainable_variables, checkpointed.trainable_variables):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=a.path)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(bn.moving_mean), moving_mean)
+    assert SOLOv2.from_config(checkpointed.get_config()).with_cp
+
+
+def test_with_cp_needs_norm_eval():
+    import pytest
+
+    with pytest.raises(ValueError, match="with_cp=True needs norm_eval=True"):
+        tiny_model(with_cp=True, frozen_stages=-1, norm_eval=False)

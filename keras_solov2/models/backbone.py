@@ -115,3 +115,43 @@ def frozen_stage_layers(backbone, frozen_stages):
         for layer in backbone.layers
         if any(layer.name.startswith(p) for p in prefixes)
     ]
+
+
+def checkpointed_extractor(extractor, frozen_stages):
+    """`extractor`'s forward pass with each trainable stage under `keras.remat`.
+
+    The backbone is cut at its pyramid outputs into 4 segments (stem +
+    stage 1 → C2, stage 2 → C3, stage 3 → C4, stage 4 → C5). A segment that
+    holds trainable layers keeps only its input for the backward pass and
+    recomputes its activations there (`keras.remat`: `tf.recompute_grad` on
+    TensorFlow); frozen segments have no backward. This is mmdet's ResNet
+    `with_cp`, per stage rather than per block: only C2–C5, which the FPN
+    keeps anyway, stay alive. The recomputation runs BatchNorm again, so it
+    is only valid with BatchNorm in inference mode (`norm_eval=True`).
+
+    Args:
+        extractor: the functional model of `pyramid_extractor`.
+        frozen_stages: mmdet's `frozen_stages` (segments `< frozen_stages`
+            are frozen; -1: none).
+
+    Returns:
+        A function `images (B, H, W, 3) → [C2, C3, C4, C5]`, computing what
+        `extractor(images, training=False)` does.
+    """
+    ends = extractor.outputs
+    starts = extractor.inputs[:1] + ends[:-1]
+    segments = []
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        model = keras.Model(start, end, name=f"{extractor.name}_segment{i}")
+        # training=False explicitly: the caller's training=True would
+        # otherwise reach the BatchNorms through Keras's call context.
+        segment = lambda x, m=model: m(x, training=False)  # noqa: E731
+        segments.append(keras.remat(segment) if i >= frozen_stages else segment)
+
+    def extract(images):
+        feats = [images]
+        for segment in segments:
+            feats.append(segment(feats[-1]))
+        return feats[1:]
+
+    return extract

@@ -18,6 +18,7 @@ from keras_solov2.layers.resize import resize_bilinear
 from keras_solov2.models.architectures import ARCHITECTURES, STANDARD_HEAD
 from keras_solov2.models.backbone import (
     build_resnet_backbone,
+    checkpointed_extractor,
     frozen_stage_layers,
     pyramid_extractor,
 )
@@ -59,6 +60,12 @@ class SOLOv2(keras.Model):
             none), mmdet's `frozen_stages=1`.
         norm_eval: keep backbone BatchNorm statistics frozen while training
             (γ/β still train), mmdet's `norm_eval=True`.
+        with_cp: mmdet's ResNet `with_cp`: in training, each trainable
+            backbone stage keeps only its input for the backward pass and
+            recomputes its activations there (`keras.remat`). R50, batch 2,
+            512²: about 0.4 GB less peak memory for about 5 % more step
+            time (`benchmarks/bench_solov2.py --with-cp`). Needs
+            `norm_eval=True`: the recomputation runs BatchNorm again.
         score_thr, mask_thr, filter_thr, nms_pre, max_per_img, kernel, sigma:
             mmdet's test_cfg.
         max_candidates: static cap on (cell, class) candidates above
@@ -104,6 +111,7 @@ class SOLOv2(keras.Model):
         norm_groups=32,
         frozen_stages=1,
         norm_eval=True,
+        with_cp=False,
         score_thr=0.1,
         mask_thr=0.5,
         filter_thr=0.05,
@@ -128,6 +136,12 @@ class SOLOv2(keras.Model):
                 "SOLOv2 has 5 levels: num_grids, scale_ranges and strides need "
                 f"5 entries each, got {num_grids}, {scale_ranges}, {strides}."
             )
+        if with_cp and not norm_eval:
+            raise ValueError(
+                "with_cp=True needs norm_eval=True: recomputing a stage in the "
+                "backward pass would run BatchNorm's training-mode update of its "
+                "running statistics a second time."
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(
                 f"class_names has {len(class_names)} names for num_classes={num_classes}."
@@ -147,6 +161,7 @@ class SOLOv2(keras.Model):
         self.norm_groups = int(norm_groups)
         self.frozen_stages = int(frozen_stages)
         self.norm_eval = bool(norm_eval)
+        self.with_cp = bool(with_cp)
         self.score_thr = float(score_thr)
         self.mask_thr = float(mask_thr)
         self.filter_thr = float(filter_thr)
@@ -165,6 +180,11 @@ class SOLOv2(keras.Model):
         self.feature_extractor = pyramid_extractor(backbone)
         for layer in frozen_stage_layers(backbone, self.frozen_stages):
             layer.trainable = False
+        # A plain function: its segment models share the backbone's layers
+        # and must not be tracked (saved) a second time.
+        self._checkpointed_extractor = (
+            checkpointed_extractor(self.feature_extractor, self.frozen_stages) if self.with_cp else None
+        )
         self.neck = SOLOv2FeaturePyramid(self.fpn_channels, dtype=self.dtype_policy, name="neck")
         self.instance_head = SOLOv2InstanceHead(
             num_classes=self.num_classes,
@@ -261,7 +281,10 @@ class SOLOv2(keras.Model):
         x = (ops.cast(images, self.compute_dtype) - ops.array(PIXEL_MEAN, self.compute_dtype)) / ops.array(
             PIXEL_STD, self.compute_dtype
         )
-        feats = self.feature_extractor(x, training=bool(training) and not self.norm_eval)
+        if training and self._checkpointed_extractor is not None:
+            feats = self._checkpointed_extractor(x)
+        else:
+            feats = self.feature_extractor(x, training=bool(training) and not self.norm_eval)
         pyramid = self.neck(feats)
         mask_features = self.mask_feature_head(pyramid[:4])
         cls_logits, kernels = self.instance_head(pyramid)
@@ -725,7 +748,7 @@ class SOLOv2(keras.Model):
         for key in (
             "num_classes", "num_grids", "scale_ranges", "strides", "pos_scale",
             "fpn_channels", "feat_channels", "stacked_convs", "mask_feat_channels",
-            "mask_out_channels", "norm_groups", "frozen_stages", "norm_eval",
+            "mask_out_channels", "norm_groups", "frozen_stages", "norm_eval", "with_cp",
             "score_thr", "mask_thr", "filter_thr", "nms_pre", "max_per_img",
             "kernel", "sigma", "max_candidates", "max_pos_pairs", "focal_alpha",
             "focal_gamma", "loss_cls_weight", "loss_mask_weight", "class_names",
