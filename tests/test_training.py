@@ -104,3 +104,32 @@ def test_with_cp_needs_norm_eval():
 
     with pytest.raises(ValueError, match="with_cp=True needs norm_eval=True"):
         tiny_model(with_cp=True, frozen_stages=-1, norm_eval=False)
+
+
+def test_optimizer_waits_for_the_gradients():
+    """SGD's momentum slots are read only after every gradient exists. Read
+    earlier (nothing else orders them), momentum·m is computed at the start of
+    the step and held through forward and backward: ≈ 0.2 GB for R50, as much
+    again for the weight decay terms in the same block."""
+    images, y = synthetic_batch(n=2)
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    graph = tf.function(model.train_step).get_concrete_function(
+        (tf.constant(images), {k: tf.constant(v) for k, v in y.items()})
+    ).graph
+    handles = {id(v.value.handle) for v in model.optimizer.variables if "momentum" in v.path}
+    slots = [inner for outer, inner in graph.captures if id(outer) in handles]
+    assert len(slots) == len(model.trainable_variables)
+
+    def after_a_gradient(op, seen):
+        for parent in list(op.control_inputs) + [t.op for t in op.inputs]:
+            if parent.name.startswith("gradient_tape/"):
+                return True
+            if parent not in seen:
+                seen.add(parent)
+                if after_a_gradient(parent, seen):
+                    return True
+        return False
+
+    reads = [op for slot in slots for op in slot.consumers() if op.type == "ReadVariableOp"]
+    assert reads and all(after_a_gradient(op, set()) for op in reads)

@@ -63,8 +63,8 @@ class SOLOv2(keras.Model):
         with_cp: mmdet's ResNet `with_cp`: in training, each trainable
             backbone stage keeps only its input for the backward pass and
             recomputes its activations there (`keras.remat`). R50, batch 2,
-            512²: about 0.4 GB less peak memory for about 5 % more step
-            time (`benchmarks/bench_solov2.py --with-cp`). Needs
+            512²: about 0.6 GB less peak memory for 7–10 % more step time
+            (`benchmarks/bench_solov2.py --with-cp`). Needs
             `norm_eval=True`: the recomputation runs BatchNorm again.
         score_thr, mask_thr, filter_thr, nms_pre, max_per_img, kernel, sigma:
             mmdet's test_cfg.
@@ -593,34 +593,44 @@ class SOLOv2(keras.Model):
         self._report_non_finite(loss_dict, data)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        scale = getattr(self.optimizer, "dynamic_scale", None)
-        if scale is not None:
-            grads = [g / ops.cast(scale, g.dtype) for g in grads]
-        # Under tf.distribute each replica holds a share of the gradient that
-        # the optimizer sums: clip by the norm of that sum, and add each
-        # replica's share of the weight decay.
-        ctx = tf.distribute.get_replica_context()
-        replicas = 1 if ctx is None else ctx.num_replicas_in_sync
-        if self.grad_clip_norm is not None:
-            squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, "float32"))) for g in grads])
-            if replicas > 1:
-                # The norm of the summed gradient is not a sum of the
-                # replicas' norms: reduce once more (the optimizer reduces
-                # the clipped shares again) to measure it exactly.
-                summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-                squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, "float32"))) for g in summed])
-            # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) if below 1.
-            factor = tf.minimum(1.0, self.grad_clip_norm / (tf.sqrt(squares) + 1e-6))
-            grads = [g * tf.cast(factor, g.dtype) for g in grads]
-        if self.weight_decay:
-            decay = self.weight_decay / replicas
-            grads = [
-                g + decay * ops.cast(v, g.dtype) if self._decays(v) else g
-                for g, v in zip(grads, variables)
-            ]
-        if scale is not None:
-            grads = [g * ops.cast(scale, g.dtype) for g in grads]
-        self.optimizer.apply(grads, variables)
+        if not self.optimizer.built:
+            # As `fit` does before tracing: its slot variables' initialisers
+            # must not inherit the control dependencies below.
+            self.optimizer.build(variables)
+        # Nothing below may start before every gradient exists: weight decay
+        # (decay · v) and SGD's momentum term (momentum · m) read only
+        # variables, so the executor would otherwise compute them at the start
+        # of the step and hold them (≈ 0.4 GB for R50) through the forward and
+        # backward passes. The clipping waits for all gradients anyway.
+        with tf.control_dependencies([g for g in grads if g is not None]):
+            scale = getattr(self.optimizer, "dynamic_scale", None)
+            if scale is not None:
+                grads = [g / ops.cast(scale, g.dtype) for g in grads]
+            # Under tf.distribute each replica holds a share of the gradient that
+            # the optimizer sums: clip by the norm of that sum, and add each
+            # replica's share of the weight decay.
+            ctx = tf.distribute.get_replica_context()
+            replicas = 1 if ctx is None else ctx.num_replicas_in_sync
+            if self.grad_clip_norm is not None:
+                squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, "float32"))) for g in grads])
+                if replicas > 1:
+                    # The norm of the summed gradient is not a sum of the
+                    # replicas' norms: reduce once more (the optimizer reduces
+                    # the clipped shares again) to measure it exactly.
+                    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+                    squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, "float32"))) for g in summed])
+                # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) if below 1.
+                factor = tf.minimum(1.0, self.grad_clip_norm / (tf.sqrt(squares) + 1e-6))
+                grads = [g * tf.cast(factor, g.dtype) for g in grads]
+            if self.weight_decay:
+                decay = self.weight_decay / replicas
+                grads = [
+                    g + decay * ops.cast(v, g.dtype) if self._decays(v) else g
+                    for g, v in zip(grads, variables)
+                ]
+            if scale is not None:
+                grads = [g * ops.cast(scale, g.dtype) for g in grads]
+            self.optimizer.apply(grads, variables)
         return self._track(loss_dict)
 
     def _report_non_finite(self, loss_dict, data):
