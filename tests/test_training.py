@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import keras_solov2  # noqa: F401
@@ -100,8 +101,6 @@ def test_with_cp_recomputes_backbone_stages_and_trains_the_same():
 
 
 def test_with_cp_needs_norm_eval():
-    import pytest
-
     with pytest.raises(ValueError, match="with_cp=True needs norm_eval=True"):
         tiny_model(with_cp=True, frozen_stages=-1, norm_eval=False)
 
