@@ -71,10 +71,14 @@ def test_non_finite_loss_names_the_batch_images_and_stops(capfd):
     assert model.stop_training
 
 
+def _train_step_graph(model, images, y):
+    """The traced graph of `model.train_step` on one batch."""
+    batch = (tf.constant(images), {k: tf.constant(v) for k, v in y.items()})
+    return tf.function(model.train_step).get_concrete_function(batch).graph
+
+
 def _conv_ops_in_train_step(model, images, y):
-    step = tf.function(model.train_step)
-    graph = step.get_concrete_function((tf.constant(images), y)).graph
-    return sum(op.type == "Conv2D" for op in graph.get_operations())
+    return sum(op.type == "Conv2D" for op in _train_step_graph(model, images, y).get_operations())
 
 
 def test_with_cp_recomputes_backbone_stages_and_trains_the_same():
@@ -82,7 +86,6 @@ def test_with_cp_recomputes_backbone_stages_and_trains_the_same():
     (more Conv2D ops in the step's graph), and one SGD step gives the same
     loss and weights as without it."""
     images, y = synthetic_batch(n=2)
-    y = {k: tf.constant(v) for k, v in y.items()}
     plain = tiny_model()
     checkpointed = tiny_model(with_cp=True)
     checkpointed.set_weights(plain.get_weights())
@@ -113,9 +116,7 @@ def test_optimizer_waits_for_the_gradients():
     images, y = synthetic_batch(n=2)
     model = tiny_model()
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
-    graph = tf.function(model.train_step).get_concrete_function(
-        (tf.constant(images), {k: tf.constant(v) for k, v in y.items()})
-    ).graph
+    graph = _train_step_graph(model, images, y)
     handles = {id(v.value.handle) for v in model.optimizer.variables if "momentum" in v.path}
     slots = [inner for outer, inner in graph.captures if id(outer) in handles]
     assert len(slots) == len(model.trainable_variables)
