@@ -1,3 +1,5 @@
+import collections
+
 import keras
 import numpy as np
 import pytest
@@ -25,3 +27,30 @@ def test_mixed_precision_trains_without_nan(policy):
     assert all(np.all(np.isfinite(np.asarray(v))) for v in model.trainable_variables)
     if policy == "mixed_float16":
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def test_head_weights_are_cast_once_per_step():
+    """Under mixed precision each head weight is cast to bfloat16 once per
+    training step, not once per pyramid level: TensorFlow computes such
+    casts at the start of the step and keeps them until the backward pass."""
+    from tests.test_training import _train_step_graph
+
+    images, y = synthetic_batch(n=2, h=96, w=128)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = tiny_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.01))
+        graph = _train_step_graph(model, images, y)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    head = model.instance_head
+    names = {id(v.value.handle): v.path for v in head.weights}
+    captured = {internal.name: names.get(id(external)) for external, internal in graph.captures}
+    casts = collections.Counter()
+    for op in graph.get_operations():
+        read = op.inputs[0].op if op.type == "Cast" and op.inputs else None
+        if read is not None and read.type == "ReadVariableOp" and op.outputs[0].dtype == "bfloat16":
+            casts[captured.get(read.inputs[0].name)] += 1
+    kernels = [v.path for v in head.weights if v.path.endswith("/kernel")]
+    assert len(kernels) == 2 * head.stacked_convs + 2
+    assert {k: casts[k] for k in kernels} == {k: 1 for k in kernels}

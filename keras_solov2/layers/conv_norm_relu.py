@@ -18,6 +18,10 @@ class ConvNormReLU(keras.layers.Layer):
 
     Call arguments:
         inputs: `(B, H, W, C_in)`.
+        kernel: optional `(k, k, C_in, filters)` conv kernel, in the compute
+            dtype, used instead of reading the layer's own: a layer applied
+            to several pyramid levels can then cast its weight once (see
+            `SOLOv2InstanceHead.branch_weights`).
 
     Returns:
         `(B, H, W, filters)`, non-negative.
@@ -59,8 +63,12 @@ class ConvNormReLU(keras.layers.Layer):
         self.conv.build(input_shape)
         self.gn.build(tuple(input_shape[:-1]) + (self.filters,))
 
-    def call(self, inputs):
-        return keras.ops.relu(self.gn(self.conv(inputs)))
+    def call(self, inputs, kernel=None):
+        if kernel is None:
+            x = self.conv(inputs)
+        else:
+            x = keras.ops.conv(inputs, kernel, padding="same")
+        return keras.ops.relu(self.gn(x))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.filters,)

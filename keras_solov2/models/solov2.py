@@ -311,14 +311,15 @@ class SOLOv2(keras.Model):
         pyramid = self.neck(self.feature_extractor(x, training=False))
         mask_features = self.mask_feature_head(pyramid[:4])
         head = self.instance_head
+        weights = head.branch_weights()
         cls_logits, kernels = [], []
         for feat in head.level_features(pyramid):
-            logits = head.category_branch(feat)
+            logits = head.category_branch(feat, weights)
             needed = ops.any(postprocess.points_nms(ops.sigmoid(ops.cast(logits, "float32"))) > self.score_thr)
             zeros = ops.zeros(
                 (ops.shape(feat)[0], feat.shape[1], feat.shape[2], self.mask_out_channels), feat.dtype
             )
-            kernels.append(ops.cond(needed, lambda f=feat: head.kernel_branch(f), lambda z=zeros: z))
+            kernels.append(ops.cond(needed, lambda f=feat: head.kernel_branch(f, weights), lambda z=zeros: z))
             cls_logits.append(logits)
         return {"cls_logits": cls_logits, "kernels": kernels, "mask_features": mask_features}
 
