@@ -6,7 +6,7 @@ import pytest
 
 import keras_solov2  # noqa: F401
 from tests.test_model import tiny_model
-from tests.test_training import synthetic_batch
+from tests.test_training import _train_step_graph, synthetic_batch
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -33,8 +33,6 @@ def test_head_weights_are_cast_once_per_step():
     """Under mixed precision each head weight is cast to bfloat16 once per
     training step, not once per pyramid level: TensorFlow computes such
     casts at the start of the step and keeps them until the backward pass."""
-    from tests.test_training import _train_step_graph
-
     images, y = synthetic_batch(n=2, h=96, w=128)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
