@@ -51,7 +51,10 @@ def decode_predictions(
 
     Args:
         cls_logits: list over levels of `(B, S, S, C)` logits.
-        kernels: list over levels of `(B, S, S, E)` kernels.
+        kernels: list over levels of `(B, S, S, E)` kernels, or a function
+            of `(B, K)` flat cell indices (levels in order, `row * S + col`)
+            returning those cells' `(B, K, E)` kernels, so that only the
+            candidates' kernels are computed (`SOLOv2InstanceHead.kernels_at`).
         mask_features: `(B, h, w, E)`, h = padded height / 4.
         matrix_nms: a `MatrixNMS` layer (holds `nms_pre`, `max_per_img`, ...).
         dynamic_conv: a `DynamicMaskConv` layer.
@@ -67,16 +70,21 @@ def decode_predictions(
     """
     num_classes = cls_logits[0].shape[-1]
     batch = ops.shape(mask_features)[0]
-    scores, flat_kernels, cell_strides = [], [], []
-    for logits, kern, stride in zip(cls_logits, kernels, strides):
+    scores, cell_strides = [], []
+    for logits, stride in zip(cls_logits, strides):
         s = points_nms(ops.sigmoid(ops.cast(logits, "float32")))
         cells = s.shape[1] * s.shape[2]
         scores.append(ops.reshape(s, (batch, cells * num_classes)))
-        flat_kernels.append(ops.reshape(kern, (batch, cells, -1)))
         cell_strides.append(np.full((cells,), stride, "float32"))
     scores = ops.concatenate(scores, axis=1)
-    flat_kernels = ops.concatenate(flat_kernels, axis=1)
     cell_strides = np.concatenate(cell_strides)
+    if callable(kernels):
+        kernels_at = kernels
+    else:
+        flat_kernels = ops.concatenate(
+            [ops.reshape(k, (batch, k.shape[1] * k.shape[2], -1)) for k in kernels], axis=1
+        )
+        kernels_at = lambda cell: take_rows(flat_kernels, cell)  # noqa: E731
 
     # Only the candidates above score_thr get masks (at most max_candidates):
     # a dynamic count, so the cost follows what the image holds.
@@ -86,7 +94,7 @@ def decode_predictions(
     valid = cand_scores > score_thr
     cell = cand // num_classes
     labels = cand % num_classes
-    cand_kernels = take_rows(flat_kernels, cell)
+    cand_kernels = kernels_at(cell)
     # The dot products run in the layer's compute dtype; probabilities in float32.
     mask_probs = ops.sigmoid(
         ops.cast(dynamic_conv(mask_features, cand_kernels), "float32")

@@ -8,6 +8,7 @@ import keras_solov2  # noqa: F401
 from keras_solov2 import CoordConv, DynamicMaskConv, SOLOv2
 from keras_solov2.models import ARCHITECTURES
 from keras_solov2.models.backbone import build_resnet_backbone
+from keras_solov2.models.solov2 import PIXEL_MEAN, PIXEL_STD
 
 # torchvision ResNet parameters without the fc layer (BN gamma/beta included,
 # running statistics excluded).
@@ -228,17 +229,50 @@ def test_inference_outputs_skip_only_unneeded_kernel_branches():
     dense = model(images)
     # Random init: every score is ~0.01 < score_thr, so no kernel is ever read.
     lazy = model.inference_outputs(images)
-    assert all(not np.any(np.asarray(k)) for k in lazy["kernels"])
+    assert "kernels" not in lazy
+    assert [tuple(k.shape) for k in lazy["kernel_feats"]] == [(2, s, s, 32) for s in (40, 36, 24, 16, 12)]
+    assert all(not np.any(np.asarray(k)) for k in lazy["kernel_feats"])
     for a, b in zip(lazy["cls_logits"], dense["cls_logits"]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(np.max(model.decode(lazy)["num_detections"])) == 0
-    # Class-logit bias 0 (scores ~0.5): candidates on every level, every branch runs.
+    # Class-logit bias 0 (scores ~0.5): candidates on every level, every tower runs.
     bias = model.instance_head.conv_cls.bias
     bias.assign(np.zeros(bias.shape, "float32"))
     dense, lazy = model(images), model.inference_outputs(images)
-    for a, b in zip(lazy["kernels"], dense["kernels"]):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(np.any(np.asarray(k)) for k in lazy["kernel_feats"])
     d_lazy, d_dense = model.decode(lazy), model.decode(dense)
     assert int(np.min(d_dense["num_detections"])) > 0
-    for key in ("scores", "labels", "num_detections"):
+    for key in ("labels", "num_detections"):
         np.testing.assert_array_equal(np.asarray(d_lazy[key]), np.asarray(d_dense[key]))
+    # The candidates' kernels come from a gather + matmul, not the conv: same up to summation order.
+    for key in ("scores", "soft_masks"):
+        np.testing.assert_allclose(np.asarray(d_lazy[key]), np.asarray(d_dense[key]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_kernels_at_cells_equal_the_dense_kernel_conv(dtype):
+    model = tiny_model(dtype=dtype)
+    head = model.instance_head
+    # Larger final-conv weights than the init's (std 0.01), so the comparison is not one of near-zeros.
+    rng = np.random.default_rng(2)
+    head.conv_kernel.kernel.assign(rng.normal(0, 0.1, head.conv_kernel.kernel.shape).astype("float32"))
+    head.conv_kernel.bias.assign(rng.normal(0, 0.1, head.conv_kernel.bias.shape).astype("float32"))
+    images = rng.uniform(0, 255, (2, 64, 96, 3)).astype("float32")
+    x = (images - np.array(PIXEL_MEAN, "float32")) / np.array(PIXEL_STD, "float32")
+    pyramid = model.neck(model.feature_extractor(keras.ops.cast(x, model.compute_dtype)))
+    feats = head.level_features(pyramid)
+    dense = np.concatenate(
+        [np.asarray(keras.ops.cast(head.kernel_branch(f), "float32")).reshape(2, -1, 32) for f in feats], axis=1
+    )
+    towers = [head.kernel_tower(f) for f in feats]
+    # Corners and edges of every level (zero padding), interior cells, repeats; different per image.
+    offsets = np.cumsum([0] + [s * s for s in head.num_grids])
+    cells = []
+    for off, s in zip(offsets, head.num_grids):
+        cells += [off, off + s - 1, off + s * (s - 1), off + s * s - 1, off + s + 1, off + s // 2 * s + s // 2]
+    cells = np.array([cells, cells[::-1]], "int32")
+    got = np.asarray(keras.ops.cast(head.kernels_at(towers, cells), "float32"))
+    want = np.take_along_axis(dense, cells[:, :, None], axis=1)
+    assert np.abs(want).max() > 0.1
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(got, want, **tol)

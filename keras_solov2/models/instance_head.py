@@ -3,8 +3,10 @@
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
+from keras_solov2.gather import take_rows
 from keras_solov2.layers.conv_norm_relu import ConvNormReLU
 from keras_solov2.layers.coord_conv import CoordConv
 from keras_solov2.layers.resize import resize_bilinear
@@ -164,10 +166,70 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         `weights`: `branch_weights()`, read once for all levels (default: read here).
         """
         weights = self.branch_weights() if weights is None else weights
+        return self._output_conv(self.conv_kernel, self.kernel_tower(feat, weights), weights)
+
+    def kernel_tower(self, feat, weights=None):
+        """The kernel branch without its final conv: `(B, S, S, F)`, F = `feat_channels`.
+
+        `weights`: `branch_weights()`, read once for all levels (default: read here).
+        """
+        weights = self.branch_weights() if weights is None else weights
         x = feat
         for conv in self.kernel_convs:
             x = conv(x, kernel=weights[conv.name])
-        return self._output_conv(self.conv_kernel, x, weights)
+        return x
+
+    def kernels_at(self, towers, cells, weights=None):
+        """The final kernel conv evaluated at the given grid cells only.
+
+        At inference only the kernels of candidate cells (those passing
+        `score_thr`) are read, typically a few hundred of the 3,872 cells of
+        the standard grids: the 3×3 conv to E channels is then a gather of
+        each cell's 3×3 neighbourhood (zeros outside the grid, as the conv's
+        "same" padding) and one `(K, 9F) @ (9F, E)` product, ≈ 1.2 instead
+        of 9.1 GFLOP at 500 cells. The GroupNorm towers before it need whole
+        maps and stay dense.
+
+        Args:
+            towers: list over levels of `kernel_tower` outputs `(B, S, S, F)`.
+            cells: `(B, K)` int, flat cell index over all levels (levels in
+                order, `row * S + col` within a level), as the candidates of
+                `keras_solov2.postprocess.decode_predictions`.
+            weights: `branch_weights()` (default: read here).
+
+        Returns:
+            `(B, K, E)` kernels: `kernel_branch` outputs at those cells, up to
+            summation order.
+        """
+        weights = self.branch_weights() if weights is None else weights
+        batch = ops.shape(towers[0])[0]
+        channels = towers[0].shape[-1]
+        padded = [
+            ops.reshape(ops.pad(t, [[0, 0], [1, 1], [1, 1], [0, 0]]), (batch, -1, channels)) for t in towers
+        ]
+        neighbours = ops.take(self._neighbour_table([t.shape[1] for t in towers]), cells, axis=0)  # (B, K, 9)
+        num = ops.shape(cells)[1]
+        patches = take_rows(ops.concatenate(padded, axis=1), ops.reshape(neighbours, (batch, -1)))
+        patches = ops.reshape(patches, (batch, num, 9 * channels))
+        kernel = ops.reshape(weights[self.conv_kernel.name], (9 * channels, self.kernel_out_channels))
+        return ops.add(ops.matmul(patches, kernel), weights[self.conv_kernel.name + "/bias"])
+
+    @staticmethod
+    def _neighbour_table(grids):
+        """`(sum S², 9)` int32: each cell's 3×3 neighbours (row-major, as a
+        3×3 kernel's taps) as rows of the levels' zero-padded `(S + 2)²` maps,
+        concatenated."""
+        tables, offset = [], 0
+        for s in grids:
+            rows, cols = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+            taps = [
+                offset + (rows + dy + 1) * (s + 2) + (cols + dx + 1)
+                for dy in (-1, 0, 1)
+                for dx in (-1, 0, 1)
+            ]
+            tables.append(np.stack(taps, axis=-1).reshape(s * s, 9))
+            offset += (s + 2) ** 2
+        return np.concatenate(tables).astype("int32")
 
     @staticmethod
     def _output_conv(conv, x, weights):

@@ -291,19 +291,23 @@ class SOLOv2(keras.Model):
         return {"cls_logits": cls_logits, "kernels": kernels, "mask_features": mask_features}
 
     def inference_outputs(self, images):
-        """`call(images, training=False)`, computing kernels only where needed.
+        """What `decode` needs of `call(images, training=False)`, and no more.
 
-        The category branch runs first; a level's kernel branch (half of the
+        The category branch runs first. A level's kernel tower (half of the
         head's cost) runs only if some cell of that level passes points-NMS
-        and `score_thr` in some image of the batch, since only those cells'
-        kernels are ever read. Other levels get zero kernels. `decode` of
-        these outputs is identical to `decode(model(images))`.
+        and `score_thr` in some image of the batch; other levels get zeros.
+        The kernel branch's final conv is left to `decode`, which evaluates
+        it at the candidate cells only (`SOLOv2InstanceHead.kernels_at`).
+        `decode` of these outputs equals `decode(model(images))` up to
+        summation order.
 
         Args:
             images: `(B, H, W, 3)` RGB pixels, H and W multiples of 32.
 
         Returns:
-            The dict of `call`.
+            Dict `cls_logits` and `mask_features` as `call`, and
+            `kernel_feats`: list over levels of `(B, S, S, F)` kernel-tower
+            outputs (F = `feat_channels`), in place of `kernels`.
         """
         x = (ops.cast(images, self.compute_dtype) - ops.array(PIXEL_MEAN, self.compute_dtype)) / ops.array(
             PIXEL_STD, self.compute_dtype
@@ -312,16 +316,14 @@ class SOLOv2(keras.Model):
         mask_features = self.mask_feature_head(pyramid[:4])
         head = self.instance_head
         weights = head.branch_weights()
-        cls_logits, kernels = [], []
+        cls_logits, kernel_feats = [], []
         for feat in head.level_features(pyramid):
             logits = head.category_branch(feat, weights)
             needed = ops.any(postprocess.points_nms(ops.sigmoid(ops.cast(logits, "float32"))) > self.score_thr)
-            zeros = ops.zeros(
-                (ops.shape(feat)[0], feat.shape[1], feat.shape[2], self.mask_out_channels), feat.dtype
-            )
-            kernels.append(ops.cond(needed, lambda f=feat: head.kernel_branch(f, weights), lambda z=zeros: z))
+            zeros = ops.zeros((ops.shape(feat)[0], feat.shape[1], feat.shape[2], head.feat_channels), feat.dtype)
+            kernel_feats.append(ops.cond(needed, lambda f=feat: head.kernel_tower(f, weights), lambda z=zeros: z))
             cls_logits.append(logits)
-        return {"cls_logits": cls_logits, "kernels": kernels, "mask_features": mask_features}
+        return {"cls_logits": cls_logits, "kernel_feats": kernel_feats, "mask_features": mask_features}
 
     # ---------------------------------------------------------------- targets
     def assign_targets(self, gt_masks, gt_labels, image_shape=None):
@@ -466,14 +468,23 @@ class SOLOv2(keras.Model):
     def decode(self, outputs):
         """Head outputs → `max_per_img` instances per image at stride 4.
 
+        Args:
+            outputs: `model(images)` outputs (`kernels` per level) or
+                `inference_outputs(images)` (`kernel_feats` per level: the
+                kernels are then computed at the candidate cells only).
+
         Returns:
             Dict `soft_masks` `(B, P, H/4, W/4)` probabilities, `scores`
             `(B, P)`, `labels` `(B, P)` int32 (-1 = none), `num_detections`
             `(B,)`; see `keras_solov2.postprocess.decode_predictions`.
         """
+        if "kernels" in outputs:
+            kernels = outputs["kernels"]
+        else:
+            kernels = lambda cells: self.instance_head.kernels_at(outputs["kernel_feats"], cells)  # noqa: E731
         return postprocess.decode_predictions(
             outputs["cls_logits"],
-            outputs["kernels"],
+            kernels,
             outputs["mask_features"],
             matrix_nms=self.matrix_nms,
             dynamic_conv=self.dynamic_conv,
