@@ -11,7 +11,8 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   `predict_step` runs it (random weights: no level has a candidate, so every
   kernel branch is skipped), as `predict_step` runs it with 100 candidates
   spread over every level (class 0's logit bias set to 0, `max_candidates`
-  100: every kernel tower runs, the final kernel conv at the 100 cells only),
+  100: every kernel tower runs, the final kernel conv at the 100 cells only;
+  their masks are decoded and pasted at the input size),
   and with every branch computed (mmdet's way);
   the FLOPs of the backbone+neck and head graphs (TensorFlow's profiler) and
   the GFLOP/s they reach; for every `--dtypes` policy (`float32`, and
@@ -149,8 +150,9 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     # `predict` on an image with candidates on every level: class 0's logit
     # bias set to 0 (score ≈ 0.5 at every cell), the top 100 of them get
     # masks (`max_candidates`). Every kernel tower runs; the final kernel
-    # conv only at those 100 cells; post-processing of 100 candidates is
-    # included (mmdet's full predict, with random weights, has none).
+    # conv only at those 100 cells; decoding them and pasting their masks at
+    # the input size are included (mmdet's full predict, with random
+    # weights, has no detection).
     bias = model.instance_head.conv_cls.bias
     saved_bias, saved_cap = bias.numpy(), model.max_candidates
     busy_bias = saved_bias.copy()
