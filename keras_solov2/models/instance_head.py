@@ -179,7 +179,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
             x = conv(x, kernel=weights[conv.name])
         return x
 
-    def kernels_at(self, towers, cells, weights=None):
+    def kernels_at(self, towers, cells):
         """The final kernel conv evaluated at the given grid cells only.
 
         At inference only the kernels of candidate cells (those passing
@@ -195,13 +195,11 @@ class SOLOv2InstanceHead(keras.layers.Layer):
             cells: `(B, K)` int, flat cell index over all levels (levels in
                 order, `row * S + col` within a level), as the candidates of
                 `keras_solov2.postprocess.decode_predictions`.
-            weights: `branch_weights()` (default: read here).
 
         Returns:
             `(B, K, E)` kernels: `kernel_branch` outputs at those cells, up to
             summation order.
         """
-        weights = self.branch_weights() if weights is None else weights
         batch = ops.shape(towers[0])[0]
         channels = towers[0].shape[-1]
         padded = [
@@ -211,8 +209,10 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         num = ops.shape(cells)[1]
         patches = take_rows(ops.concatenate(padded, axis=1), ops.reshape(neighbours, (batch, -1)))
         patches = ops.reshape(patches, (batch, num, 9 * channels))
-        kernel = ops.reshape(weights[self.conv_kernel.name], (9 * channels, self.kernel_out_channels))
-        return ops.add(ops.matmul(patches, kernel), weights[self.conv_kernel.name + "/bias"])
+        kernel = ops.reshape(
+            ops.cast(self.conv_kernel.kernel, self.compute_dtype), (9 * channels, self.kernel_out_channels)
+        )
+        return ops.add(ops.matmul(patches, kernel), ops.cast(self.conv_kernel.bias, self.compute_dtype))
 
     @staticmethod
     def _neighbour_table(grids):
