@@ -340,9 +340,26 @@ def _machine():
     return {"cpu": model, "cores": os.cpu_count(), "isa": isa}
 
 
-def run_peer(a):
-    """mmdet's script, inference+NMS and the train step in separate processes."""
+def peer_python(a):
+    """The mmdet venv's python (`--peer-python` or SOLOV2_PEER_PYTHON), or None.
+
+    Checked before anything is measured: a wrong path should fail in a second,
+    not after our half hour of measurements."""
     python = a.peer_python or os.environ.get("SOLOV2_PEER_PYTHON")
+    if not python:
+        return None
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise SystemExit(
+            f"--peer-python / SOLOV2_PEER_PYTHON: {python!r} is not an executable file. "
+            "`bash ../shared/peer/setup_venv.sh DIR` builds the mmdet venv; pass DIR/venv/bin/python."
+        )
+    if not PEER_SCRIPT.is_file():
+        raise SystemExit(f"mmdet's benchmark script {PEER_SCRIPT} is missing (it comes with ../shared/peer/).")
+    return python
+
+
+def run_peer(a, python):
+    """mmdet's script, inference+NMS and the train step in separate processes."""
     if not python:
         return None
     skip = set(a.skip.split(",")) if a.skip else set()
@@ -457,9 +474,12 @@ def main():
     if a.section:
         Path(a.section_out).write_text(json.dumps(run_section(a, a.section, a.section_dtype)))
         return 0
+    python = peer_python(a)
     ours = run_ours(a)
-    peer = run_peer(a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    # Ours is written first: should mmdet's run fail, our measurements stay.
+    Path(a.out).write_text(json.dumps({"ours": ours, "mmdet": None}, indent=1))
+    peer = run_peer(a, python)
     Path(a.out).write_text(json.dumps({"ours": ours, "mmdet": peer}, indent=1))
     print(table(ours, peer))
     print("wrote", a.out)
