@@ -325,19 +325,24 @@ def run_ours(a):
 
 
 def _machine():
-    model = "?"
+    # A virtual machine's model name can be just "AMD EPYC": the family and
+    # model numbers tell the generation (AMD family 25: Zen 3/4, 26: Zen 5).
+    info = {"model name": "?", "cpu family": "?", "model": "?"}
     flags = []
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in info and info[key] == "?":
+                info[key] = value.strip()
+            if key == "flags":
+                flags = value.split()
                 break
     except OSError:
         pass
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return {"cpu": model, "cores": os.cpu_count(), "isa": isa}
+    return {"cpu": info["model name"], "cpu_family": info["cpu family"], "cpu_model": info["model"],
+            "cores": os.cpu_count(), "isa": isa}
 
 
 def peer_python(a):

@@ -285,6 +285,10 @@ class SOLOv2(keras.Model):
             feats = self._checkpointed_extractor(x)
         else:
             feats = self.feature_extractor(x, training=bool(training) and not self.norm_eval)
+        # Keras 3 keeps the backbone's explicit `training` in the call context:
+        # under norm_eval (and with_cp) the layers below see training=False even
+        # in fit(). None of them (convs, GroupNorm) behaves differently in
+        # training; pass `training` explicitly to any layer added here that does.
         pyramid = self.neck(feats)
         mask_features = self.mask_feature_head(pyramid[:4])
         cls_logits, kernels = self.instance_head(pyramid)
