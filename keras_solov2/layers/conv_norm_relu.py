@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_solov2.layers.group_norm import GroupNorm
+
 
 @keras.saving.register_keras_serializable(package="keras_solov2")
 class ConvNormReLU(keras.layers.Layer):
@@ -55,7 +57,7 @@ class ConvNormReLU(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="conv",
         )
-        self.gn = keras.layers.GroupNormalization(
+        self.gn = GroupNorm(
             groups=self.norm_groups, epsilon=1e-5, dtype=self.dtype_policy, name="gn"
         )
 
