@@ -143,8 +143,10 @@ def main():
 
     import keras_solov2  # noqa: F401  (registers the tfds builder)
 
-    r = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
-                     "load_average_at_start": list(os.getloadavg())},
+    from bench_solov2 import _machine  # the script's folder is on sys.path
+
+    r = {"machine": {**_machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                     "tensorflow": tf.__version__, "load_average_at_start": list(os.getloadavg())},
          "target_images_per_s": a.target, "warmup_batches": a.warmup, "timed_batches": a.batches}
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         builder = None
