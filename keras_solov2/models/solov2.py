@@ -63,7 +63,7 @@ class SOLOv2(keras.Model):
         with_cp: mmdet's ResNet `with_cp`: in training, each trainable
             backbone stage keeps only its input for the backward pass and
             recomputes its activations there (`keras.remat`). R50, batch 2,
-            512²: 0.3–0.45 GB less peak memory for 2–11 % more step time
+            512²: 0.3–0.55 GB less peak memory for 2–11 % more step time
             (`benchmarks/bench_solov2.py --with-cp`). Needs
             `norm_eval=True`: the recomputation runs BatchNorm again.
         score_thr, mask_thr, filter_thr, nms_pre, max_per_img, kernel, sigma:
