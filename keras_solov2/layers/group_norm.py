@@ -10,10 +10,11 @@ class GroupNorm(keras.layers.GroupNormalization):
 
     Same variables (`gamma`, `beta`, shape `(C,)`), config and results (up
     to float32 rounding) as Keras's layer, in float32 whatever the compute
-    dtype (`mixed_bfloat16` casts in and out), but reduced differently: each channel is first summed
-    over the whole map (a contiguous reduction over `H·W`), the `C/G` channel
-    sums of a group are then added, and the variance is the mean of squared
-    deviations from that mean (two passes, as torch's Welford moments).
+    dtype (`mixed_bfloat16` casts in and out), but reduced differently:
+    each channel is first summed over the whole map (a contiguous reduction
+    over `H·W`), the `C/G` channel sums of a group are then added, and the
+    variance is the mean of squared deviations from that mean (two passes,
+    as torch's Welford moments).
     Keras's layer reduces the `(B, H, W, G, C/G)` view over three
     non-adjacent axes in one go and forms `x·inv − mean·inv`; on a CPU that
     is 2.5–3× slower (measured on SOLOv2's head maps, 12²–40² × 512 channels)
