@@ -12,8 +12,9 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   kernel branch is skipped), as `predict_step` runs it with 100 candidates
   spread over every level (class 0's logit bias set to 0, `max_candidates`
   100: every kernel tower runs, the final kernel conv at the 100 cells only;
-  their masks are decoded and pasted at the input size),
-  and with every branch computed (mmdet's way);
+  their masks are decoded and pasted at the input size; mmdet's reference
+  for this row is its whole `predict` with 100 forced candidates,
+  `peer_predict_candidates.py`), and with every branch computed (mmdet's way);
   the FLOPs of the backbone+neck and head graphs (TensorFlow's profiler) and
   the GFLOP/s they reach; for every `--dtypes` policy (`float32`, and
   `mixed_bfloat16`: the bfloat16 inference path);
@@ -28,8 +29,10 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
 Each section runs in its own subprocess, so every peak RSS is that section's
 alone (mmdet's too: its train step and its inference run as separate
 processes). Comparison: `--peer-python /path/to/mmdet-venv/bin/python` (or
-SOLOV2_PEER_PYTHON) runs the peer script after ours and prints ours/mmdet
-ratios. See benchmarks/README.md.
+SOLOV2_PEER_PYTHON) runs the peer script after ours, then
+`peer_predict_candidates.py` (mmdet's whole predict with 100 forced
+candidates) in that venv, and prints ours/mmdet ratios. See
+benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--dtypes float32,mixed_bfloat16]
        [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--peer-python P] [--out FILE]
@@ -49,6 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = ROOT.parent / "shared" / "peer" / "bench_solov2.py"
+PEER_CANDIDATES_SCRIPT = ROOT / "benchmarks" / "peer_predict_candidates.py"
 
 
 def timeit(fn, warmup, runs):
@@ -121,7 +125,7 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     dtype = model.compute_dtype
 
     def backbone_fn(x):
-        return model.neck(model.feature_extractor(x))
+        return model.pyramid_features(x)
 
     def head_fn(p):
         return model.instance_head(p), model.mask_feature_head(p[:4])
@@ -391,6 +395,19 @@ def run_peer(a, python):
         for k, v in r.items():
             merged.setdefault(k, v)
         merged[f"process_peak_rss_mb_{name}"] = usage.ru_maxrss / 1024
+    if "infer" not in skip:
+        # mmdet's whole predict with 100 forced candidates: the reference of
+        # our "100 candidates" row (the peer script times it without any).
+        out = Path(a.out).with_suffix(".mmdet_candidates.json")
+        cmd = [python, str(PEER_CANDIDATES_SCRIPT), "--threads", str(a.threads), "--warmup", str(a.warmup),
+               "--runs", str(a.runs), "--sizes", a.sizes, "--forced-k", "100", "--out", str(out)]
+        print("mmdet:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        r = json.loads(out.read_text())
+        out.unlink()
+        for size, v in r["inference"].items():
+            merged.setdefault("inference", {}).setdefault(size, {}).update(v)
+        merged["contention_gate_candidates"] = r["contention_gate"]
     return merged
 
 
@@ -425,7 +442,7 @@ def table(ours, peer):
                 get(p, "full_predict_ms"))
             if "full_predict_candidates_ms" in r:
                 add("  full, as predict, 100 candidates on every level", r["full_predict_candidates_ms"],
-                    get(p, "full_predict_ms"))
+                    get(p, "full_predict_forced_candidates", "100", "full_predict_ms"))
             add(f"  backbone+neck ({r['gflop_backbone_neck']:.0f} GFLOP, "
                 f"{r['gflops_per_s_backbone_neck']:.0f} GFLOP/s)", r["backbone_neck_ms"], get(p, "backbone_neck_ms"))
             add(f"  head ({r['gflop_head']:.0f} GFLOP, {r['gflops_per_s_head']:.0f} GFLOP/s)",
