@@ -124,7 +124,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         feats = []
         for feat, num_grid in zip(self.resize_feats(inputs), self.num_grids):
             feat = self.coord(feat)
-            feats.append(ops.image.resize(feat, (num_grid, num_grid), interpolation="bilinear"))
+            feats.append(resize_bilinear(feat, (int(num_grid), int(num_grid))))
         return feats
 
     def branch_weights(self):
