@@ -155,8 +155,8 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     # bias set to 0 (score ≈ 0.5 at every cell), the top 100 of them get
     # masks (`max_candidates`). Every kernel tower runs; the final kernel
     # conv only at those 100 cells; decoding them and pasting their masks at
-    # the input size are included (mmdet's full predict, with random
-    # weights, has no detection).
+    # the input size are included, as in this row's mmdet reference
+    # (`peer_predict_candidates.py`: its predict with 100 forced candidates).
     bias = model.instance_head.conv_cls.bias
     saved_bias, saved_cap = bias.numpy(), model.max_candidates
     busy_bias = saved_bias.copy()

@@ -188,7 +188,7 @@ class SOLOv2(keras.Model):
         # Where BatchNorm runs in inference mode (predict; training under
         # norm_eval) the backbone runs with each BatchNorm folded into its
         # conv: the same weights, one fused conv kernel instead of three
-        # passes over the map (R50 b2 512² bf16 step −10 %, −0.25 GB RSS).
+        # passes over the map (R50 b2 512² bf16 step −10 %, −0.27 GB RSS).
         # with_cp keeps the BatchNorms: recomputing folded stages saved no
         # memory (bf16 tensor peak 1,222 → 1,199 MiB; 1,120 with BatchNorm).
         # Plain functions: their models share the backbone's layers and must
