@@ -137,3 +137,40 @@ def test_optimizer_waits_for_the_gradients():
     # update made the R50 step's graph ~0.5 GB larger.
     fan_in = [op.name for op in graph.get_operations() if len(op.control_inputs) >= len(slots) // 2]
     assert len(fan_in) <= 2, fan_in[:5]
+
+
+def test_train_step_evaluates_the_final_kernel_conv_at_the_loss_cells_only():
+    """The loss reads the kernels of a few positive cells: `train_step` runs
+    `model(images, dense_kernels=False)` and the final kernel conv becomes a
+    gather + matmul at those cells. Same loss and gradients as the dense conv,
+    on the trimmed (default) and the static (XLA) shapes."""
+    images, y = synthetic_batch(n=2)
+    model = tiny_model()
+    # Larger final-conv weights than the init's (std 0.01): masks that are not all alike.
+    rng = np.random.default_rng(5)
+    conv_kernel = model.instance_head.conv_kernel
+    conv_kernel.kernel.assign(rng.normal(0, 0.1, conv_kernel.kernel.shape).astype("float32"))
+    for static in (False, True):
+        model.jit_compile = static  # the static-shape path, run eagerly here
+        results = {}
+        for dense in (True, False):
+            with tf.GradientTape() as tape:
+                outputs = model(images, training=True, dense_kernels=dense)
+                loss = model.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"])
+            results[dense] = loss, tape.gradient(loss["loss"], model.trainable_variables)
+        (dense_loss, dense_grads), (sparse_loss, sparse_grads) = results[True], results[False]
+        assert float(dense_loss["num_pos"]) > 0 and float(dense_loss["loss_mask"]) > 0
+        for key in ("loss", "loss_cls", "loss_mask", "num_pos"):
+            np.testing.assert_allclose(float(sparse_loss[key]), float(dense_loss[key]), rtol=1e-5)
+        for v, a, b in zip(model.trainable_variables, dense_grads, sparse_grads):
+            assert b is not None, v.path
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-6, err_msg=v.path)
+    model.jit_compile = False
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    graph = _train_step_graph(model, images, y)
+    handle = id(conv_kernel.kernel.value.handle)
+    (captured,) = [inner for outer, inner in graph.captures if id(outer) == handle]
+    reads = [op for op in captured.consumers() if op.type == "ReadVariableOp"]
+    users = {c.type for op in reads for t in op.outputs for c in t.consumers()}
+    assert "MatMul" in users or "BatchMatMulV2" in users or "Reshape" in users, users
+    assert not any(u.startswith("Conv2D") for u in users), users

@@ -36,6 +36,9 @@ class SOLOv2InstanceHead(keras.layers.Layer):
 
     Call arguments:
         inputs: list `[P2, ..., P6]` of `(B, H/s, W/s, C_fpn)`.
+        dense_kernels: `False` returns the kernel towers `(B, S, S, F)`
+            (F = `feat_channels`) in place of the kernels, for `kernels_at`
+            to evaluate the final conv at a few cells only.
 
     Returns:
         `(cls_logits, kernels)`: lists over levels of `(B, S, S, C)` logits
@@ -127,7 +130,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
             feats.append(resize_bilinear(feat, (int(num_grid), int(num_grid))))
         return feats
 
-    def branch_weights(self):
+    def branch_weights(self, final_kernel_conv=True):
         """Both branches' conv weights in the compute dtype, each read and cast once.
 
         The branches run on all 5 levels. Under mixed precision each call of
@@ -137,6 +140,10 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         of a 1.2 GB tensor peak (R50, batch 2, 512², mixed_bfloat16,
         `with_cp`). Passed to `category_branch` / `kernel_branch`, one copy.
 
+        Args:
+            final_kernel_conv: `False` leaves out `conv_kernel` (when
+                `kernels_at` evaluates it, it reads its own copy).
+
         Returns:
             dict: layer name → conv kernel `(3, 3, C_in, C_out)`, and
             `"<name>/bias"` → `(C_out,)` for `conv_cls` and `conv_kernel`.
@@ -144,7 +151,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         weights = {}
         for conv in self.kernel_convs + self.cls_convs:
             weights[conv.name] = ops.cast(conv.conv.kernel, self.compute_dtype)
-        for conv in (self.conv_kernel, self.conv_cls):
+        for conv in (self.conv_kernel, self.conv_cls) if final_kernel_conv else (self.conv_cls,):
             weights[conv.name] = ops.cast(conv.kernel, self.compute_dtype)
             weights[conv.name + "/bias"] = ops.cast(conv.bias, self.compute_dtype)
         return weights
@@ -236,12 +243,12 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         """`conv(x)` (3×3, same padding, bias) with the weights of `branch_weights`."""
         return ops.add(ops.conv(x, weights[conv.name], padding="same"), weights[conv.name + "/bias"])
 
-    def call(self, inputs):
+    def call(self, inputs, dense_kernels=True):
         feats = self.level_features(inputs)
-        weights = self.branch_weights()
+        weights = self.branch_weights(final_kernel_conv=dense_kernels)
         cls_logits = [self.category_branch(f, weights) for f in feats]
-        kernels = [self.kernel_branch(f, weights) for f in feats]
-        return cls_logits, kernels
+        branch = self.kernel_branch if dense_kernels else self.kernel_tower
+        return cls_logits, [branch(f, weights) for f in feats]
 
     def get_config(self):
         config = super().get_config()
