@@ -18,7 +18,8 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   the FLOPs of the backbone+neck and head graphs (TensorFlow's profiler) and
   the GFLOP/s they reach; for every `--dtypes` policy (`float32`, and
   `mixed_bfloat16`: the bfloat16 inference path);
-* one train step, R50 batch 2 at 512×512 with 2–4 instances per image
+* one train step, R50 batch 2 at 512×512 with 4 instances per image (the
+  peer's shapes and sizes)
   (median step time and the peak RSS of the process that ran it), per policy;
   with `--with-cp` also with `SOLOv2(with_cp=True)` (backbone stages
   recomputed in the backward pass);
@@ -234,21 +235,32 @@ def bench_predict(model, h, w, warmup, runs, forced_ks, jit_compile=False):
     return res
 
 
-def bench_train(model, warmup, runs, batch=2, h=512, w=512, jit_compile=False):
+def synthetic_instances(h, w, n, rng):
+    """`n` ellipses / rectangles (alternating) of side 0.08–0.6 × min(h, w), as
+    the peer script's `synthetic_gts`: `(n, h, w)` uint8 masks."""
+    import numpy as np
+
+    yy, xx = np.mgrid[:h, :w]
+    masks = np.zeros((n, h, w), np.uint8)
+    for i in range(n):
+        side = rng.uniform(0.08, 0.6) * min(h, w)
+        bh, bw = side * rng.uniform(0.6, 1.4), side * rng.uniform(0.6, 1.4)
+        cy, cx = rng.uniform(bh / 2, h - bh / 2), rng.uniform(bw / 2, w - bw / 2)
+        if i % 2 == 0:
+            masks[i] = ((yy - cy) / (bh / 2)) ** 2 + ((xx - cx) / (bw / 2)) ** 2 <= 1
+        else:
+            masks[i] = (np.abs(yy - cy) <= bh / 2) & (np.abs(xx - cx) <= bw / 2)
+    return masks
+
+
+def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_compile=False):
     import numpy as np
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, h, w, 3)).astype("float32")
-    masks = np.zeros((batch, 4, h, w), np.uint8)
-    labels = -np.ones((batch, 4), np.int32)
-    yy, xx = np.mgrid[:h, :w]
-    for b in range(batch):
-        for i in range(int(rng.integers(2, 5))):
-            cy, cx = rng.integers(64, h - 64, 2)
-            ry, rx = rng.integers(16, 120, 2)
-            masks[b, i] = ((yy - cy) ** 2 / ry**2 + (xx - cx) ** 2 / rx**2) <= 1
-            labels[b, i] = rng.integers(0, model.num_classes)
+    masks = np.stack([synthetic_instances(h, w, instances, rng) for _ in range(batch)])
+    labels = rng.integers(0, model.num_classes, (batch, instances)).astype("int32")
     # jit_compile on the model too: the step leaves out its non-finite-loss
     # report (string formatting), which XLA cannot compile.
     model.compile(jit_compile=jit_compile)
@@ -257,6 +269,7 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512, jit_compile=False):
     return {
         "batch": batch,
         "input_hw": [h, w],
+        "gt_instances_per_img": [instances] * batch,
         "dtype_policy": model.dtype_policy.name,
         "train_step_ms": timeit_graph(lambda: step(data), warmup, runs, jit_compile),
         "peak_rss_mb": peak_rss_mb(),
