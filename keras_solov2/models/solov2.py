@@ -67,8 +67,8 @@ class SOLOv2(keras.Model):
             backbone stage keeps only its input for the backward pass and
             recomputes its activations there (`keras.remat`; these stages
             keep their BatchNorms). R50, batch 2, 512²: 0.20–0.33 GB less
-            peak memory in float32 for 1–9 % more step time, 0.06–0.09 GB
-            in bfloat16 for 18–25 % (`benchmarks/bench_solov2.py
+            peak memory in float32 for −3 to +15 % step time, 0.06–0.16 GB
+            in bfloat16 for 13–25 % more (`benchmarks/bench_solov2.py
             --with-cp`). Needs `norm_eval=True`: the recomputation runs
             BatchNorm again.
         score_thr, mask_thr, filter_thr, nms_pre, max_per_img, kernel, sigma:
