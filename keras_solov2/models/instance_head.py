@@ -191,7 +191,8 @@ class SOLOv2InstanceHead(keras.layers.Layer):
 
         At inference only the kernels of candidate cells (those passing
         `score_thr`) are read, typically a few hundred of the 3,872 cells of
-        the standard grids: the 3×3 conv to E channels is then a gather of
+        the standard grids, and in training only those of the loss's positive
+        (instance, cell) pairs: the 3×3 conv to E channels is then a gather of
         each cell's 3×3 neighbourhood (zeros outside the grid, as the conv's
         "same" padding) and one `(K, 9F) @ (9F, E)` product, ≈ 1.2 instead
         of 9.1 GFLOP at 500 cells. The GroupNorm towers before it need whole
