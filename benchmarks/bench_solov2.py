@@ -38,7 +38,8 @@ candidates) in that venv, and prints ours/mmdet ratios. See
 benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--dtypes float32,mixed_bfloat16]
-       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--peer-python P] [--out FILE]
+       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--peer-python P]
+       [--rounds N] [--out FILE]
 """
 
 import argparse
@@ -480,7 +481,8 @@ def run_peer(a, python):
     return merged
 
 
-def table(ours, peer):
+def table_rows(ours, peer):
+    """`(measurement, ours, mmdet, ratio)` strings, one tuple per row of the table."""
     rows = []
 
     def fmt(ms):
@@ -535,12 +537,33 @@ def table(ours, peer):
             for k, v in r.items():
                 if isinstance(v, dict):
                     add(f"Matrix NMS {k}", v["ms"], get(peer, "matrix_nms", k, "ms"))
+    return rows
+
+
+def table(ours, peer):
+    return format_rows(table_rows(ours, peer))
+
+
+def format_rows(rows, header=("measurement", "ours ms (min–max)", "mmdet ms (min–max)", "ratio")):
     width = max(len(r[0]) for r in rows) if rows else 10
     w2 = max([len(r[1]) for r in rows] + [14])
     w3 = max([len(r[2]) for r in rows] + [14])
-    lines = [f"{'measurement':<{width}}  {'ours ms (min–max)':>{w2}}  {'mmdet ms (min–max)':>{w3}}  {'ratio':>6}"]
-    lines += [f"{a:<{width}}  {b:>{w2}}  {c:>{w3}}  {d:>6}" for a, b, c, d in rows]
-    return "\n".join(lines)
+    return "\n".join(f"{a:<{width}}  {b:>{w2}}  {c:>{w3}}  {d:>6}" for a, b, c, d in [header, *rows])
+
+
+def rounds_summary(rounds):
+    """Per row with a ratio in every round: the median ratio (min–max) over the rounds."""
+    tables = [table_rows(r["ours"], r["mmdet"]) for r in rounds]
+    rows, section = [], ""
+    for i, (name, *_) in enumerate(tables[0]):
+        if not name.startswith(" "):
+            section = name
+        ratios = [float(t[i][3]) for t in tables if i < len(t) and t[i][0] == name and t[i][3]]
+        if len(ratios) == len(rounds):
+            label = name if not name.startswith(" ") else f"{section.split(' full')[0]}:{name}"
+            rows.append((label, " ".join(f"{r:.2f}" for r in ratios), "",
+                         f"{statistics.median(ratios):.2f}"))
+    return format_rows(rows, header=("ratio ours / mmdet", "per round", "", "median"))
 
 
 def main():
@@ -557,6 +580,8 @@ def main():
     ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict/train step")
     ap.add_argument("--with-cp", action="store_true", help="also the train step with SOLOv2(with_cp=True)")
     ap.add_argument("--peer-python", default=None, help="python of an mmdet 3.3 venv (../shared/peer)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat (ours, then mmdet) N times: a ratio per round and their median")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench.json"))
     ap.add_argument("--section", help=argparse.SUPPRESS)
     ap.add_argument("--section-dtype", help=argparse.SUPPRESS)
@@ -567,13 +592,26 @@ def main():
         Path(a.section_out).write_text(json.dumps({"result": result, "contention_gate": GATE}))
         return 0
     python = peer_python(a)
-    ours = run_ours(a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    # Ours is written first: should mmdet's run fail, our measurements stay.
-    Path(a.out).write_text(json.dumps({"ours": ours, "mmdet": None}, indent=1))
-    peer = run_peer(a, python)
-    Path(a.out).write_text(json.dumps({"ours": ours, "mmdet": peer}, indent=1))
-    print(table(ours, peer))
+    rounds = []
+
+    def write(last):
+        # One round: {"ours", "mmdet"} as always; several: {"rounds": [...]}.
+        Path(a.out).write_text(json.dumps(last if a.rounds == 1 else {"rounds": rounds + [last]}, indent=1))
+
+    # Rounds alternate the two sides, so that a slow spell of the machine
+    # (step times drift by 10–15 % over an hour here) shows up as one round's
+    # ratio instead of biasing one side.
+    for _ in range(a.rounds):
+        ours = run_ours(a)
+        # Ours is written first: should mmdet's run fail, our measurements stay.
+        write({"ours": ours, "mmdet": None})
+        peer = run_peer(a, python)
+        write({"ours": ours, "mmdet": peer})
+        rounds.append({"ours": ours, "mmdet": peer})
+        print(table(ours, peer))
+    if a.rounds > 1 and python:
+        print(rounds_summary(rounds))
     print("wrote", a.out)
     return 0
 
