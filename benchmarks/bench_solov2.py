@@ -552,7 +552,7 @@ def format_rows(rows, header=("measurement", "ours ms (min–max)", "mmdet ms (m
 
 
 def rounds_summary(rounds):
-    """Per row with a ratio in every round: the median ratio (min–max) over the rounds."""
+    """Per row with a ratio in every round: each round's ratio, then their median."""
     tables = [table_rows(r["ours"], r["mmdet"]) for r in rounds]
     rows, section = [], ""
     for i, (name, *_) in enumerate(tables[0]):
