@@ -664,8 +664,7 @@ class SOLOv2(keras.Model):
     def train_step(self, data):
         images, y = self._unpack(data)
         with tf.GradientTape() as tape:
-            outputs = self(images, training=True, dense_kernels=False)
-            loss_dict = self._nan_if_non_finite(self._replica_loss(outputs, y), images)
+            loss_dict = self._replica_loss(images, y, training=True)
             scaled = self.optimizer.scale_loss(loss_dict["loss"])
         self._report_non_finite(loss_dict, data)
         variables = self.trainable_variables
@@ -751,8 +750,7 @@ class SOLOv2(keras.Model):
 
     def test_step(self, data):
         images, y = self._unpack(data)
-        outputs = self(images, training=False, dense_kernels=False)
-        return self._track(self._nan_if_non_finite(self._replica_loss(outputs, y), images))
+        return self._track(self._replica_loss(images, y, training=False))
 
     @staticmethod
     def _nan_if_non_finite(loss_dict, images):
@@ -768,18 +766,22 @@ class SOLOv2(keras.Model):
         finite = tf.reduce_all(tf.math.is_finite(images))
         return {k: tf.where(finite, v, tf.constant(float("nan"), v.dtype)) for k, v in loss_dict.items()}
 
-    def _replica_loss(self, outputs, y):
-        """This replica's share of the global-batch loss.
+    def _replica_loss(self, images, y, training):
+        """Forward pass and this replica's share of the global-batch loss.
 
-        The normaliser (positive cells) is summed over replicas, so the
-        replicas' losses, and the gradients `fit` sums across them, add up to
-        those of the global batch on one device.
+        The final kernel conv runs at the cells the loss reads only
+        (`dense_kernels=False`). The normaliser (positive cells) is summed
+        over replicas, so the replicas' losses, and the gradients `fit` sums
+        across them, add up to those of the global batch on one device. A
+        batch with a non-finite pixel gets NaN losses (`_nan_if_non_finite`).
         """
+        outputs = self(images, training=training, dense_kernels=False)
         ctx = tf.distribute.get_replica_context()
         reduce_num_pos = None
         if ctx is not None and ctx.num_replicas_in_sync > 1:
             reduce_num_pos = lambda n: ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)  # noqa: E731
-        return self.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"], reduce_num_pos)
+        loss_dict = self.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"], reduce_num_pos)
+        return self._nan_if_non_finite(loss_dict, images)
 
     def _track(self, loss_dict):
         # The trackers average over replicas; each replica holds a share of
