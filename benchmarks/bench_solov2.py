@@ -20,7 +20,10 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   `mixed_bfloat16`: the bfloat16 inference path);
 * one train step, R50 batch 2 at 512×512 with 4 instances per image (the
   peer's shapes and sizes)
-  (median step time and the peak RSS of the process that ran it), per policy;
+  (median step time and the peak RSS of the process that ran it, split into
+  what the process held before the step, after its imports and with the
+  model built, and what the step added; mmdet's split from
+  `peer_train_memory.py`), per policy;
   with `--with-cp` also with `SOLOv2(with_cp=True)` (backbone stages
   recomputed in the backward pass);
 * Matrix NMS alone: N = 100, 500 box masks at 200×336, gaussian and linear;
@@ -34,7 +37,8 @@ discarded and repeated, with the peer script's contention gate (counts in
 the JSON's `contention_gate`). Comparison: `--peer-python /path/to/mmdet-venv/bin/python` (or
 SOLOV2_PEER_PYTHON) runs the peer script after ours, then
 `peer_predict_candidates.py` (mmdet's whole predict with 100 forced
-candidates) in that venv, and prints ours/mmdet ratios. See
+candidates) and `peer_train_memory.py` in that venv, and prints ours/mmdet
+ratios. See
 benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--dtypes float32,mixed_bfloat16]
@@ -57,6 +61,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = ROOT.parent / "shared" / "peer" / "bench_solov2.py"
 PEER_CANDIDATES_SCRIPT = ROOT / "benchmarks" / "peer_predict_candidates.py"
+PEER_MEMORY_SCRIPT = ROOT / "benchmarks" / "peer_train_memory.py"
 
 
 # The peer script's contention gate, so that both sides are timed alike: a
@@ -133,6 +138,17 @@ def timeit_graph(fn, warmup, runs, jit_compile):
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_mb():
+    """This process's resident set now (VmRSS), in MB; None without /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def graph_gflop(fn, *specs):
@@ -330,6 +346,7 @@ def run_section(a, section, dtype):
     import keras_solov2  # noqa: F401
     from keras_solov2 import SOLOv2
 
+    after_imports = resident_mb()
     forced = [int(k) for k in a.forced_k.split(",") if k]
     if section == "nms":
         return bench_matrix_nms(a.warmup, a.runs)
@@ -342,7 +359,11 @@ def run_section(a, section, dtype):
         return bench_predict(model, 448, 768, a.warmup, a.runs, [], a.jit_compile)
     if section in ("train", "train_cp"):
         model = SOLOv2.from_architecture("solov2_r50", dtype=dtype, with_cp=section == "train_cp")
-        return bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile)
+        # What the process holds before the step (TensorFlow, keras-hub, the
+        # model), to split the peak as `peer_train_memory.py` does for mmdet.
+        before = {"after_imports": after_imports, "model_built": resident_mb()}
+        result = bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile)
+        return {**result, "rss_before_step_mb": before}
     if section == "retrace":
         return bench_retrace(SOLOv2.from_architecture("solov2_r50", dtype=dtype))
     raise ValueError(section)
@@ -478,6 +499,15 @@ def run_peer(a, python):
         for size, v in r["inference"].items():
             merged.setdefault("inference", {}).setdefault(size, {}).update(v)
         merged["contention_gate_candidates"] = r["contention_gate"]
+    if "train" not in skip:
+        # What mmdet's process holds before its step (the peer script reports
+        # only the peak): the "before the step" and "the step adds" rows.
+        out = Path(a.out).with_suffix(".mmdet_memory.json")
+        cmd = [python, str(PEER_MEMORY_SCRIPT), "--threads", str(a.threads), "--out", str(out)]
+        print("mmdet:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        merged["train_rss_before_step_mb"] = json.loads(out.read_text())["rss_before_step_mb"]
+        out.unlink()
     return merged
 
 
@@ -531,6 +561,18 @@ def table_rows(ours, peer):
             rows.append(("  peak RSS MB (process)", f"{r['process_peak_rss_mb']:.0f}",
                          f"{ref_rss:.0f}" if ref_rss else "",
                          f"{r['process_peak_rss_mb'] / ref_rss:.2f}" if ref_rss else ""))
+            before, ref_before = r.get("rss_before_step_mb"), get(peer, "train_rss_before_step_mb")
+            if before and before["model_built"]:
+                rows.append(("  RSS MB before the step: imports, model built",
+                             f"{before['after_imports']:.0f}, {before['model_built']:.0f}",
+                             f"{ref_before['after_imports']:.0f}, {ref_before['model_built']:.0f}"
+                             if ref_before else "",
+                             f"{before['model_built'] / ref_before['model_built']:.2f}" if ref_before else ""))
+                added = r["process_peak_rss_mb"] - before["model_built"]
+                ref_added = ref_rss - ref_before["model_built"] if ref_rss and ref_before else None
+                rows.append(("  RSS MB the step adds (peak − model built)", f"{added:.0f}",
+                             f"{ref_added:.0f}" if ref_added else "",
+                             f"{added / ref_added:.2f}" if ref_added else ""))
         elif section == "retrace":
             add(f"predict on {len(r['calls'])} sizes{tag}: graphs compiled", text=str(r["graphs_compiled"]))
         elif section == "nms":
