@@ -42,7 +42,8 @@ ratios. See
 benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--dtypes float32,mixed_bfloat16]
-       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--peer-python P]
+       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--defer-tensorflow-text]
+       [--peer-python P]
        [--rounds N] [--out FILE]
 """
 
@@ -343,7 +344,10 @@ def run_section(a, section, dtype):
 
     tf.config.threading.set_intra_op_parallelism_threads(a.threads)
     tf.config.threading.set_inter_op_parallelism_threads(a.threads)
-    import keras_solov2  # noqa: F401
+    import keras_solov2
+
+    if a.defer_tensorflow_text:
+        keras_solov2.defer_tensorflow_text()
     from keras_solov2 import SOLOv2
 
     after_imports = resident_mb()
@@ -397,7 +401,8 @@ def run_ours(a):
 
     res = {"versions": {"keras_solov2": keras_solov2.__version__, "tensorflow": tf.__version__,
                         "keras": __import__("keras").__version__, "python": platform.python_version()},
-           "machine": _machine(), "threads": a.threads, "jit_compile": a.jit_compile, "sections": {}}
+           "machine": _machine(), "threads": a.threads, "jit_compile": a.jit_compile,
+           "defer_tensorflow_text": a.defer_tensorflow_text, "sections": {}}
     for section, dtype in sections:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
@@ -406,6 +411,8 @@ def run_ours(a):
                "--train-warmup", str(a.train_warmup), "--train-runs", str(a.train_runs), "--forced-k", a.forced_k]
         if a.jit_compile:
             cmd.append("--jit-compile")
+        if a.defer_tensorflow_text:
+            cmd.append("--defer-tensorflow-text")
         print(f"ours: {section} {dtype}", flush=True)
         rss = _subprocess(cmd)
         payload = json.loads(Path(out).read_text())
@@ -621,6 +628,8 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of: infer,train,nms,retrace")
     ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict/train step")
     ap.add_argument("--with-cp", action="store_true", help="also the train step with SOLOv2(with_cp=True)")
+    ap.add_argument("--defer-tensorflow-text", action="store_true",
+                    help="keras_solov2.defer_tensorflow_text() in each section, as the command line does")
     ap.add_argument("--peer-python", default=None, help="python of an mmdet 3.3 venv (../shared/peer)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat (ours, then mmdet) N times: a ratio per round and their median")

@@ -127,6 +127,11 @@ def main(argv=None):
     # TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) is noise on a
     # command line; an explicit TF_CPP_MIN_LOG_LEVEL still wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # This process loads no SavedModel with tensorflow-text ops: keras-hub's
+    # import of tensorflow-text can wait for a use that never comes (≈ 116 MB).
+    from keras_solov2.lazy_tensorflow_text import defer_tensorflow_text
+
+    defer_tensorflow_text()
     parser = argparse.ArgumentParser(prog="keras-solov2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
