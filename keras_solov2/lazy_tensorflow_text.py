@@ -14,7 +14,7 @@ Not a default, because the process then differs in two ways:
 * tensorflow-text's ops are registered only once something reads an attribute
   of the module: `tf.saved_model.load` of a model that uses them fails with
   "Op type not registered" until then (`import tensorflow_text` does not
-  load it; `tensorflow_text.load_ops` or any other attribute does);
+  load it; reading any attribute of it does);
 * keras-hub sees tensorflow-text as installed even if its import would fail
   (e.g. built for another TensorFlow): its tokenizers then raise that
   ImportError at first use instead of falling back to their pure-Python paths.
@@ -26,7 +26,8 @@ import sys
 import threading
 import types
 
-_LOCK = threading.Lock()
+# Reentrant: the real package's own imports may reach the stand-in again.
+_LOCK = threading.RLock()
 
 
 class _DeferredModule(types.ModuleType):
