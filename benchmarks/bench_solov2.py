@@ -373,9 +373,9 @@ def run_section(a, section, dtype):
     raise ValueError(section)
 
 
-def _subprocess(cmd):
+def _subprocess(cmd, stdout=None):
     """Runs `cmd`; returns the child's peak RSS in MB (its own, via wait4)."""
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, stdout=stdout)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
@@ -482,17 +482,12 @@ def run_peer(a, python):
                "--sizes", a.sizes, "--forced-k", a.forced_k, "--out", str(out),
                "--skip", ",".join(sorted(set(peer_skip.split(",")) | (skip & {"infer", "train", "nms"})))]
         print("mmdet:", " ".join(cmd), flush=True)
-        with open(os.devnull, "w") as devnull:
-            proc = subprocess.Popen(cmd, stdout=devnull)
-            _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status):
-            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
+        rss = _subprocess(cmd, stdout=subprocess.DEVNULL)
         r = json.loads(out.read_text())
         out.unlink()
-        r[f"process_peak_rss_mb_{name}"] = usage.ru_maxrss / 1024
         for k, v in r.items():
             merged.setdefault(k, v)
-        merged[f"process_peak_rss_mb_{name}"] = usage.ru_maxrss / 1024
+        merged[f"process_peak_rss_mb_{name}"] = rss
     if "infer" not in skip:
         # mmdet's whole predict with 100 forced candidates: the reference of
         # our "100 candidates" row (the peer script times it without any).
