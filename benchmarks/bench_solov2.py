@@ -350,7 +350,6 @@ def run_section(a, section, dtype):
         keras_solov2.defer_tensorflow_text()
     from keras_solov2 import SOLOv2
 
-    after_imports = resident_mb()
     forced = [int(k) for k in a.forced_k.split(",") if k]
     if section == "nms":
         return bench_matrix_nms(a.warmup, a.runs)
@@ -362,9 +361,10 @@ def run_section(a, section, dtype):
         model = SOLOv2.from_architecture("solov2_light_r18", dtype=dtype)
         return bench_predict(model, 448, 768, a.warmup, a.runs, [], a.jit_compile)
     if section in ("train", "train_cp"):
-        model = SOLOv2.from_architecture("solov2_r50", dtype=dtype, with_cp=section == "train_cp")
         # What the process holds before the step (TensorFlow, keras-hub, the
         # model), to split the peak as `peer_train_memory.py` does for mmdet.
+        after_imports = resident_mb()
+        model = SOLOv2.from_architecture("solov2_r50", dtype=dtype, with_cp=section == "train_cp")
         before = {"after_imports": after_imports, "model_built": resident_mb()}
         result = bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile)
         return {**result, "rss_before_step_mb": before}
