@@ -42,7 +42,8 @@ ratios. See
 benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--dtypes float32,mixed_bfloat16]
-       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--defer-tensorflow-text]
+       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--no-winograd]
+       [--defer-tensorflow-text]
        [--peer-python P]
        [--rounds N] [--out FILE]
 """
@@ -351,25 +352,29 @@ def run_section(a, section, dtype):
     from keras_solov2 import SOLOv2
 
     forced = [int(k) for k in a.forced_k.split(",") if k]
+
+    def build(architecture, **kwargs):
+        return SOLOv2.from_architecture(architecture, dtype=dtype, winograd=not a.no_winograd, **kwargs)
+
     if section == "nms":
         return bench_matrix_nms(a.warmup, a.runs)
     if section.startswith("infer:"):
         h, w = map(int, section.split(":")[1].split("x"))
-        model = SOLOv2.from_architecture("solov2_r50", dtype=dtype)
+        model = build("solov2_r50")
         return bench_predict(model, h, w, a.warmup, a.runs, forced, a.jit_compile)
     if section == "infer_light":
-        model = SOLOv2.from_architecture("solov2_light_r18", dtype=dtype)
+        model = build("solov2_light_r18")
         return bench_predict(model, 448, 768, a.warmup, a.runs, [], a.jit_compile)
     if section in ("train", "train_cp"):
         # What the process holds before the step (TensorFlow, keras-hub, the
         # model), to split the peak as `peer_train_memory.py` does for mmdet.
         after_imports = resident_mb()
-        model = SOLOv2.from_architecture("solov2_r50", dtype=dtype, with_cp=section == "train_cp")
+        model = build("solov2_r50", with_cp=section == "train_cp")
         before = {"after_imports": after_imports, "model_built": resident_mb()}
         result = bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile)
         return {**result, "rss_before_step_mb": before}
     if section == "retrace":
-        return bench_retrace(SOLOv2.from_architecture("solov2_r50", dtype=dtype))
+        return bench_retrace(build("solov2_r50"))
     raise ValueError(section)
 
 
@@ -402,7 +407,7 @@ def run_ours(a):
     res = {"versions": {"keras_solov2": keras_solov2.__version__, "tensorflow": tf.__version__,
                         "keras": __import__("keras").__version__, "python": platform.python_version()},
            "machine": _machine(), "threads": a.threads, "jit_compile": a.jit_compile,
-           "defer_tensorflow_text": a.defer_tensorflow_text, "sections": {}}
+           "winograd": not a.no_winograd, "defer_tensorflow_text": a.defer_tensorflow_text, "sections": {}}
     for section, dtype in sections:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
@@ -413,6 +418,8 @@ def run_ours(a):
             cmd.append("--jit-compile")
         if a.defer_tensorflow_text:
             cmd.append("--defer-tensorflow-text")
+        if a.no_winograd:
+            cmd.append("--no-winograd")
         print(f"ours: {section} {dtype}", flush=True)
         rss = _subprocess(cmd)
         payload = json.loads(Path(out).read_text())
@@ -623,6 +630,8 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of: infer,train,nms,retrace")
     ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict/train step")
     ap.add_argument("--with-cp", action="store_true", help="also the train step with SOLOv2(with_cp=True)")
+    ap.add_argument("--no-winograd", action="store_true",
+                    help="SOLOv2(winograd=False): direct convs in the head towers (float32)")
     ap.add_argument("--defer-tensorflow-text", action="store_true",
                     help="keras_solov2.defer_tensorflow_text() in each section, as the command line does")
     ap.add_argument("--peer-python", default=None, help="python of an mmdet 3.3 venv (../shared/peer)")

@@ -20,6 +20,8 @@ class SOLOv2MaskFeatureHead(keras.layers.Layer):
         feat_channels: int, hidden width (128 in SOLOv2).
         out_channels: int, E (256 standard, 128 light).
         norm_groups: int, GroupNorm groups.
+        winograd: 3×3 convs by Winograd F(4×4, 3×3) where it pays (see
+            `ConvNormReLU`).
 
     Call arguments:
         inputs: list `[P2, P3, P4, P5]` of `(B, H/s, W/s, C_fpn)`.
@@ -35,18 +37,19 @@ class SOLOv2MaskFeatureHead(keras.layers.Layer):
     (1, 16, 16, 16)
     """
 
-    def __init__(self, feat_channels=128, out_channels=256, norm_groups=32, **kwargs):
+    def __init__(self, feat_channels=128, out_channels=256, norm_groups=32, winograd=True, **kwargs):
         super().__init__(**kwargs)
         self.feat_channels = int(feat_channels)
         self.out_channels = int(out_channels)
         self.norm_groups = int(norm_groups)
+        self.winograd = bool(winograd)
         init = keras.initializers.RandomNormal(stddev=0.01)
         self.coord = CoordConv(dtype=self.dtype_policy, name="coord")
         self.convs_all_levels = []
         for level in range(4):
             convs = [
                 ConvNormReLU(
-                    self.feat_channels, 3, self.norm_groups, init,
+                    self.feat_channels, 3, self.norm_groups, init, winograd=self.winograd,
                     dtype=self.dtype_policy, name=f"convs_all_levels_{level}_conv{j}",
                 )
                 for j in range(max(level, 1))
@@ -95,6 +98,7 @@ class SOLOv2MaskFeatureHead(keras.layers.Layer):
                 "feat_channels": self.feat_channels,
                 "out_channels": self.out_channels,
                 "norm_groups": self.norm_groups,
+                "winograd": self.winograd,
             }
         )
         return config
