@@ -82,21 +82,17 @@ _KERNEL_TRANSFORM = np.kron(_G, _G)  # (36, 9)
 _OUTPUT_TRANSFORM = np.kron(_AT, _AT)  # (16, 36)
 
 
-def use_winograd(dtype, maps=()):
+def use_winograd(dtype):
     """Whether `conv3x3_same` is the faster exact-enough choice here.
 
-    True for float32 compute on a machine whose Keras devices are CPUs only
-    (GPU libraries choose Winograd themselves, and bfloat16 is too coarse
-    for the transforms, see the module docstring), and maps whose height
-    and width are static (the tiling is fixed when the graph is built).
+    True for float32 compute on a machine whose Keras devices are CPUs only:
+    GPU libraries choose Winograd themselves, and bfloat16 is too coarse for
+    the transforms (see the module docstring).
 
     Args:
         dtype: the compute dtype, e.g. `layer.compute_dtype`.
-        maps: optional list of `(B, H, W, C)` inputs to check.
     """
     if keras.backend.standardize_dtype(dtype) != "float32":
-        return False
-    if any(d is None for x in maps for d in x.shape[1:3]):
         return False
     return all(device.split(":")[0].lower() == "cpu" for device in _devices())
 
@@ -130,46 +126,56 @@ def conv3x3_same(maps, kernel):
     tiles and kernel, 4–5× larger.
 
     Args:
-        maps: list of `(B, H_i, W_i, C)` with static `H_i`, `W_i` (any size:
-            maps are zero-extended to multiples of 4 and the result cropped).
+        maps: list of `(B, H_i, W_i, C)`, any size (maps are zero-extended
+            to multiples of 4 and the result cropped); a single map may have
+            unknown H and W (its tiling is then computed in the graph).
         kernel: `(3, 3, C, K)`, the maps' dtype.
 
     Returns:
         List of `(B, H_i, W_i, K)`, no bias.
     """
     channels, filters = kernel.shape[2], kernel.shape[3]
-    sizes = tuple(tuple(int(d) for d in x.shape[1:3]) for x in maps)
+    static = all(d is not None for x in maps for d in x.shape[1:3])
+    if not static and len(maps) > 1:
+        raise ValueError("conv3x3_same: maps of unknown height or width go one at a time.")
+    if static:
+        sizes = tuple(tuple(int(d) for d in x.shape[1:3]) for x in maps)
+        table = _tile_table(sizes)
+    else:
+        sizes = (tuple(ops.shape(maps[0])[1:3]),)
+        table = _tile_index(*sizes[0])
     batch = ops.shape(maps[0])[0]
     padded = []
     for x, (h, w) in zip(maps, sizes):
-        pad = [[0, 0], [1, 1 + TILE * _tiles(h) - h], [1, 1 + TILE * _tiles(w) - w], [0, 0]]
-        padded.append(ops.reshape(ops.pad(x, pad), (batch, (TILE * _tiles(h) + 2) * (TILE * _tiles(w) + 2), channels)))
-    out = _transformed_conv(ops.concatenate(padded, axis=1), kernel, sizes)  # (16, B·N, K)
+        th, tw = _tiles(h), _tiles(w)
+        pad = [[0, 0], [1, 1 + TILE * th - h], [1, 1 + TILE * tw - w], [0, 0]]
+        padded.append(ops.reshape(ops.pad(x, pad), (batch, (TILE * th + 2) * (TILE * tw + 2), channels)))
+    out = _transformed_conv(ops.concatenate(padded, axis=1) if len(padded) > 1 else padded[0], kernel, table)
     num_tiles = sum(_tiles(h) * _tiles(w) for h, w in sizes)
     out = ops.reshape(out, (TILE, TILE, batch, num_tiles, filters))
     # A split, not slices: a slice's gradient is a zero-padded copy of the
     # whole input (5 levels: 22 ms of a 137 ms forward + backward).
-    bounds = np.cumsum([_tiles(h) * _tiles(w) for h, w in sizes])[:-1].tolist()
+    bounds = np.cumsum([_tiles(h) * _tiles(w) for h, w in sizes])[:-1].tolist() if static else []
     parts = ops.split(out, bounds, axis=3) if bounds else [out]
     results = []
     for part, (h, w) in zip(parts, sizes):
         th, tw = _tiles(h), _tiles(w)
         y = ops.reshape(part, (TILE, TILE, batch, th, tw, filters))
         y = ops.reshape(ops.transpose(y, (2, 3, 0, 4, 1, 5)), (batch, TILE * th, TILE * tw, filters))
-        results.append(y[:, :h, :w] if (TILE * th, TILE * tw) != (h, w) else y)
+        results.append(y if static and (TILE * th, TILE * tw) == (h, w) else y[:, :h, :w])
     return results
 
 
-def _transformed_conv(padded, kernel, sizes):
-    """`(B, R, C)` zero-padded maps (the grids of `_tile_table(sizes)`),
-    `(3, 3, C, K)` kernel → `(16, B·N, K)`: each output tile entry (row-major
-    over 4×4) of the N tiles of every batch item, `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`."""
-    table = _tile_table(sizes)
-    num_tiles = table.shape[0] // _AREA
+def _transformed_conv(padded, kernel, table):
+    """`(B, R, C)` zero-padded maps (the grids `table` indexes, see
+    `_tile_table`), `(3, 3, C, K)` kernel → `(16, B·N, K)`: each output tile
+    entry (row-major over 4×4) of the N tiles of every batch item,
+    `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`."""
     channels, filters = kernel.shape[2], kernel.shape[3]
-    batch, rows = ops.shape(padded)[0], padded.shape[1]
+    batch = ops.shape(padded)[0]
+    rows = padded.shape[1] if padded.shape[1] is not None else ops.shape(padded)[1]
     # Row of `padded` viewed as (B·R, C) read by tap t of tile n of item b, at [t, b, n].
-    index = ops.reshape(table, (_AREA, 1, num_tiles)) + ops.reshape(ops.arange(batch, dtype="int32") * rows, (1, -1, 1))
+    index = ops.reshape(table, (_AREA, 1, -1)) + ops.reshape(ops.arange(batch, dtype="int32") * rows, (1, -1, 1))
     index = ops.reshape(index, (-1,))
 
     def transformed_tiles(padded):
@@ -228,7 +234,21 @@ def _constant(matrix, like):
 
 
 def _tiles(size):
-    return -(-size // TILE)
+    """Tiles along a side of `size` pixels (an int, or a tensor)."""
+    return (size + TILE - 1) // TILE
+
+
+def _tile_index(h, w):
+    """`_tile_table(((h, w),))` for one map of unknown size, in the graph."""
+    th, tw = _tiles(h), _tiles(w)
+    width = TILE * tw + 2
+    corners = ops.reshape(ops.arange(th, dtype="int32") * (TILE * width), (1, -1, 1)) + ops.reshape(
+        ops.arange(tw, dtype="int32") * TILE, (1, 1, -1)
+    )
+    taps = np.arange(_WINDOW, dtype="int32")
+    dy = ops.convert_to_tensor(np.repeat(taps, _WINDOW).reshape(-1, 1, 1))
+    dx = ops.convert_to_tensor(np.tile(taps, _WINDOW).reshape(-1, 1, 1))
+    return ops.reshape(corners + dy * width + dx, (-1,))
 
 
 @functools.lru_cache(maxsize=64)

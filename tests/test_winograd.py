@@ -59,6 +59,30 @@ def test_graph_mode_with_a_dynamic_batch():
             np.testing.assert_allclose(y.numpy(), w, atol=1e-4 * np.abs(w).max())
 
 
+def test_a_map_of_unknown_size_values_and_gradients():
+    """`predict` relaxes H and W after two sizes: one graph, tiling computed in it."""
+    rng = np.random.default_rng(4)
+    kernel = tf.constant(rng.normal(size=(3, 3, 4, 3)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 4)), tf.TensorSpec((None, None, None, 3))])
+    def fn(x, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = conv3x3_same([x], kernel)[0]
+            loss = tf.reduce_sum(y * upstream)
+        return (y,) + tuple(tape.gradient(loss, [kernel, x]))
+
+    for h, w in [(9, 14), (8, 8), (1, 3)]:
+        x = rng.normal(size=(2, h, w, 4)).astype("float32")
+        upstream = rng.normal(size=(2, h, w, 3))
+        want, want_grads = reference_conv_and_grads([x], kernel.numpy(), [upstream])
+        y, d_kernel, d_x = fn(x, upstream.astype("float32"))
+        for got, ref in zip([y, d_kernel, d_x], want + want_grads):
+            np.testing.assert_allclose(got.numpy(), ref, atol=1e-4 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="one at a time"):
+        tf.function(lambda x: conv3x3_same([x, x], kernel)).get_concrete_function(tf.TensorSpec((1, None, 8, 4)))
+
+
 def test_used_for_float32_on_cpu_only():
     assert use_winograd("float32")
     assert not use_winograd("bfloat16")

@@ -20,7 +20,7 @@ class ConvNormReLU(keras.layers.Layer):
         kernel_initializer: initializer of the conv kernel.
         winograd: a 3×3 conv runs by Winograd F(4×4, 3×3) where
             `keras_solov2.winograd.use_winograd` says it pays (float32 on
-            CPU, static H and W); relative error ≈ 2e-5.
+            CPU); relative error ≈ 2e-5.
 
     Call arguments:
         inputs: `(B, H, W, C_in)`.
@@ -72,7 +72,7 @@ class ConvNormReLU(keras.layers.Layer):
         self.gn.build(tuple(input_shape[:-1]) + (self.filters,))
 
     def call(self, inputs, kernel=None):
-        if kernel is None and self.kernel_size == 3 and self.winograd and use_winograd(self.compute_dtype, [inputs]):
+        if kernel is None and self.kernel_size == 3 and self.winograd and use_winograd(self.compute_dtype):
             x = conv3x3_same([inputs], keras.ops.cast(self.conv.kernel, self.compute_dtype))[0]
         elif kernel is None:
             x = self.conv(inputs)

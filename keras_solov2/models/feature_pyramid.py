@@ -18,7 +18,7 @@ class SOLOv2FeaturePyramid(keras.layers.Layer):
         channels: int, output channels of every level (256 in SOLOv2).
         winograd: the 3×3 output convs run by Winograd F(4×4, 3×3) where
             `keras_solov2.winograd.use_winograd` says it pays (float32 on
-            CPU, static H and W); relative error ≈ 2e-5.
+            CPU); relative error ≈ 2e-5.
 
     Call arguments:
         inputs: list `[C2, C3, C4, C5]` of `(B, H/s, W/s, C_i)` backbone
@@ -74,7 +74,7 @@ class SOLOv2FeaturePyramid(keras.layers.Layer):
         return outs
 
     def _output_conv(self, conv, x):
-        if self.winograd and use_winograd(self.compute_dtype, [x]):
+        if self.winograd and use_winograd(self.compute_dtype):
             kernel, bias = (ops.cast(v, self.compute_dtype) for v in (conv.kernel, conv.bias))
             return ops.add(conv3x3_same([x], kernel)[0], bias)
         return conv(x)
