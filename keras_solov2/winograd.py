@@ -122,8 +122,9 @@ def conv3x3_same(maps, kernel):
     The maps' tiles, of every map and batch item, go through one set of 36
     matrix products `(B·N, C) @ (C, K)`. The backward pass keeps only the
     maps and the 3×3 kernel, as a direct conv's does, and recomputes their
-    transforms (cheap, linear maps): autodiff would keep the transformed
-    tiles and kernel, 4–5× larger.
+    padded copy and transforms (cheap, linear maps): autodiff would keep
+    the transformed tiles and kernel, 4–5× larger, and the padded copy of
+    every map (≈ 0.25 GB in SOLOv2's float32 train step, R50 batch 2 512²).
 
     Args:
         maps: list of `(B, H_i, W_i, C)`, any size (maps are zero-extended
@@ -145,12 +146,27 @@ def conv3x3_same(maps, kernel):
         sizes = (tuple(ops.shape(maps[0])[1:3]),)
         table = _tile_index(*sizes[0])
     batch = ops.shape(maps[0])[0]
-    padded = []
-    for x, (h, w) in zip(maps, sizes):
-        th, tw = _tiles(h), _tiles(w)
-        pad = [[0, 0], [1, 1 + TILE * th - h], [1, 1 + TILE * tw - w], [0, 0]]
-        padded.append(ops.reshape(ops.pad(x, pad), (batch, (TILE * th + 2) * (TILE * tw + 2), channels)))
-    out = _transformed_conv(ops.concatenate(padded, axis=1) if len(padded) > 1 else padded[0], kernel, table)
+    grids = [(TILE * _tiles(h) + 2, TILE * _tiles(w) + 2) for h, w in sizes]  # zero-padded tiling grids
+
+    def pad_and_concatenate(maps):
+        """`(B, R, C)`: each map zero-padded to its grid, flattened, concatenated."""
+        padded = []
+        for x, (h, w), (gh, gw) in zip(maps, sizes, grids):
+            x = ops.pad(x, [[0, 0], [1, gh - h - 1], [1, gw - w - 1], [0, 0]])
+            padded.append(ops.reshape(x, (batch, gh * gw, channels)))
+        return ops.concatenate(padded, axis=1) if len(padded) > 1 else padded[0]
+
+    def interiors(padded):
+        """`pad_and_concatenate`'s adjoint: the maps' pixels of `(B, R, C)`."""
+        bounds = np.cumsum([gh * gw for gh, gw in grids])[:-1].tolist() if static else []
+        parts = ops.split(padded, bounds, axis=1) if bounds else [padded]
+        return [
+            ops.reshape(part, (batch, gh, gw, channels))[:, 1 : h + 1, 1 : w + 1]
+            for part, (h, w), (gh, gw) in zip(parts, sizes, grids)
+        ]
+
+    rows = sum(gh * gw for gh, gw in grids)
+    out = _transformed_conv(list(maps), kernel, table, rows, pad_and_concatenate, interiors)  # (16, B·N, K)
     num_tiles = sum(_tiles(h) * _tiles(w) for h, w in sizes)
     out = ops.reshape(out, (TILE, TILE, batch, num_tiles, filters))
     # A split, not slices: a slice's gradient is a zero-padded copy of the
@@ -166,36 +182,42 @@ def conv3x3_same(maps, kernel):
     return results
 
 
-def _transformed_conv(padded, kernel, table):
-    """`(B, R, C)` zero-padded maps (the grids `table` indexes, see
-    `_tile_table`), `(3, 3, C, K)` kernel → `(16, B·N, K)`: each output tile
+def _transformed_conv(maps, kernel, table, rows, pad_and_concatenate, interiors):
+    """The maps, `(3, 3, C, K)` kernel → `(16, B·N, K)`: each output tile
     entry (row-major over 4×4) of the N tiles of every batch item,
-    `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`."""
+    `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. `table` indexes the R = `rows` rows of
+    `pad_and_concatenate(maps)` `(B, R, C)` (see `_tile_table`); `interiors`
+    is that function's adjoint."""
     channels, filters = kernel.shape[2], kernel.shape[3]
-    batch = ops.shape(padded)[0]
-    rows = padded.shape[1] if padded.shape[1] is not None else ops.shape(padded)[1]
-    # Row of `padded` viewed as (B·R, C) read by tap t of tile n of item b, at [t, b, n].
+    batch = ops.shape(maps[0])[0]
+
+    # Row of the padded maps' (B·R, C) view read by tap t of tile n of batch item b, at [t, b, n].
     index = ops.reshape(table, (_AREA, 1, -1)) + ops.reshape(ops.arange(batch, dtype="int32") * rows, (1, -1, 1))
     index = ops.reshape(index, (-1,))
 
-    def transformed_tiles(padded):
-        tiles = ops.take(ops.reshape(padded, (-1, channels)), index, axis=0)
-        data = ops.matmul(_constant(_DATA_TRANSFORM, padded), ops.reshape(tiles, (_AREA, -1)))  # Bᵀ d B
+    def transformed_tiles(maps):
+        tiles = ops.take(ops.reshape(pad_and_concatenate(maps), (-1, channels)), index, axis=0)
+        data = ops.matmul(_constant(_DATA_TRANSFORM, tiles), ops.reshape(tiles, (_AREA, -1)))  # Bᵀ d B
         return ops.reshape(data, (_AREA, -1, channels))  # (36, B·N, C)
 
     @ops.custom_gradient
-    def conv(padded, kernel):
-        data = transformed_tiles(padded)
+    def conv(*args):
+        # The backward pass keeps the maps themselves (which the layer
+        # before keeps anyway, e.g. as its ReLU's output) and the kernel;
+        # their padded copy and transforms are recomputed there.
+        maps, kernel = args[:-1], args[-1]
+        data = transformed_tiles(maps)
         products = ops.matmul(data, winograd_kernel(_after(kernel, data)))  # (36, B·N, K)
-        out = ops.matmul(_constant(_OUTPUT_TRANSFORM, padded), ops.reshape(products, (_AREA, -1)))  # Aᵀ m A
+        out = ops.matmul(_constant(_OUTPUT_TRANSFORM, data), ops.reshape(products, (_AREA, -1)))  # Aᵀ m A
 
-        def grad(*args, upstream=None):
-            upstream = args[0] if upstream is None else upstream
-            # Recomputed only once the backward pass reaches this conv.
-            kernel_now, padded_now = _after(kernel, upstream), _after(padded, upstream)
+        def grad(*grads, upstream=None):
+            upstream = grads[0] if upstream is None else upstream
+            # Recomputed only once the backward pass reaches this conv
+            # (delaying the tiles' transform further did not lower the peak).
+            kernel_now = _after(kernel, upstream)
+            data = transformed_tiles([_after(x, upstream) for x in maps])
             d_products = ops.matmul(_constant(_OUTPUT_TRANSFORM.T, upstream), upstream)
             d_products = ops.reshape(d_products, (_AREA, -1, filters))
-            data = transformed_tiles(padded_now)
             d_kernel = ops.matmul(ops.swapaxes(data, 1, 2), d_products)  # (36, C, K)
             d_kernel = ops.matmul(_constant(_KERNEL_TRANSFORM.T, d_kernel), ops.reshape(d_kernel, (_AREA, -1)))
             d_data = ops.matmul(d_products, ops.swapaxes(winograd_kernel(kernel_now), 1, 2))
@@ -203,11 +225,12 @@ def _transformed_conv(padded, kernel, table):
             # The gather's transpose: each padded pixel sums the tile entries
             # it was copied to (≤ 4).
             d_padded = ops.segment_sum(ops.reshape(d_tiles, (-1, channels)), index, num_segments=batch * rows)
-            return ops.reshape(d_padded, (batch, rows, channels)), ops.reshape(d_kernel, (3, 3, channels, filters))
+            d_maps = interiors(ops.reshape(d_padded, (batch, rows, channels)))
+            return (*d_maps, ops.reshape(d_kernel, (3, 3, channels, filters)))
 
         return out, grad
 
-    return conv(padded, kernel)
+    return conv(*maps, kernel)
 
 
 def _after(x, dependency):
