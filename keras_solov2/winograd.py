@@ -20,7 +20,8 @@ transforms' coefficients (up to 8) amplify the matrix products' rounding to
 ≈ 3 % (measured), so `use_winograd` is for float32 only.
 
 Several maps that share one kernel (a head tower on the pyramid levels) go
-through the products together: one `(36, Σ tiles, C) @ (36, C, K)` call.
+through the products together, with the batch: one `(36, B·Σ tiles, C) @
+(36, C, K)` call.
 
 Example:
 >>> import numpy as np
