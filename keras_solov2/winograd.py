@@ -141,11 +141,10 @@ def conv3x3_same(maps, kernel):
     if not static and len(maps) > 1:
         raise ValueError("conv3x3_same: maps of unknown height or width go one at a time.")
     if static:
-        sizes = tuple(tuple(int(d) for d in x.shape[1:3]) for x in maps)
-        table = _tile_table(sizes)
+        sizes = [tuple(int(d) for d in x.shape[1:3]) for x in maps]
     else:
-        sizes = (tuple(ops.shape(maps[0])[1:3]),)
-        table = _tile_index(*sizes[0])
+        sizes = [tuple(ops.shape(maps[0])[1:3])]
+    table = _tile_table(sizes)
     batch = ops.shape(maps[0])[0]
     grids = [(TILE * _tiles(h) + 2, TILE * _tiles(w) + 2) for h, w in sizes]  # zero-padded tiling grids
 
@@ -159,8 +158,7 @@ def conv3x3_same(maps, kernel):
 
     def interiors(padded):
         """`pad_and_concatenate`'s adjoint: the maps' pixels of `(B, R, C)`."""
-        bounds = np.cumsum([gh * gw for gh, gw in grids])[:-1].tolist() if static else []
-        parts = ops.split(padded, bounds, axis=1) if bounds else [padded]
+        parts = _split(padded, [gh * gw for gh, gw in grids], axis=1)
         return [
             ops.reshape(part, (batch, gh, gw, channels))[:, 1 : h + 1, 1 : w + 1]
             for part, (h, w), (gh, gw) in zip(parts, sizes, grids)
@@ -170,12 +168,8 @@ def conv3x3_same(maps, kernel):
     out = _transformed_conv(list(maps), kernel, table, rows, pad_and_concatenate, interiors)  # (16, B·N, K)
     num_tiles = sum(_tiles(h) * _tiles(w) for h, w in sizes)
     out = ops.reshape(out, (TILE, TILE, batch, num_tiles, filters))
-    # A split, not slices: a slice's gradient is a zero-padded copy of the
-    # whole input (5 levels: 22 ms of a 137 ms forward + backward).
-    bounds = np.cumsum([_tiles(h) * _tiles(w) for h, w in sizes])[:-1].tolist() if static else []
-    parts = ops.split(out, bounds, axis=3) if bounds else [out]
     results = []
-    for part, (h, w) in zip(parts, sizes):
+    for part, (h, w) in zip(_split(out, [_tiles(h) * _tiles(w) for h, w in sizes], axis=3), sizes):
         th, tw = _tiles(h), _tiles(w)
         y = ops.reshape(part, (TILE, TILE, batch, th, tw, filters))
         y = ops.reshape(ops.transpose(y, (2, 3, 0, 4, 1, 5)), (batch, TILE * th, TILE * tw, filters))
@@ -257,36 +251,37 @@ def _constant(matrix, like):
     return ops.convert_to_tensor(matrix, dtype=like.dtype)
 
 
+def _split(x, lengths, axis):
+    """`x` cut into consecutive parts of static `lengths` along `axis` (one
+    part: `x` itself, whose length may be unknown). A split, not slices: a
+    slice's gradient is a zero-padded copy of the whole input (5 levels:
+    22 ms of a 137 ms forward + backward)."""
+    if len(lengths) == 1:
+        return [x]
+    return ops.split(x, np.cumsum(lengths)[:-1].tolist(), axis=axis)
+
+
 def _tiles(size):
     """Tiles along a side of `size` pixels (an int, or a tensor)."""
     return (size + TILE - 1) // TILE
 
 
-def _tile_index(h, w):
-    """`_tile_table(((h, w),))` for one map of unknown size, in the graph."""
-    th, tw = _tiles(h), _tiles(w)
-    width = TILE * tw + 2
-    corners = ops.reshape(ops.arange(th, dtype="int32") * (TILE * width), (1, -1, 1)) + ops.reshape(
-        ops.arange(tw, dtype="int32") * TILE, (1, 1, -1)
-    )
-    taps = np.arange(_WINDOW, dtype="int32")
-    dy = ops.convert_to_tensor(np.repeat(taps, _WINDOW).reshape(-1, 1, 1))
-    dx = ops.convert_to_tensor(np.tile(taps, _WINDOW).reshape(-1, 1, 1))
-    return ops.reshape(corners + dy * width + dx, (-1,))
-
-
-@functools.lru_cache(maxsize=64)
 def _tile_table(sizes):
     """`(36 · N,)` int32: for each of the 36 taps (row-major over the 6×6
     window), the row of every tile's input in the maps' zero-padded
     `(4·th + 2) × (4·tw + 2)` grids, flattened and concatenated (tiles of a
-    map row-major, maps in order)."""
-    taps, offset = [], 0
+    map row-major, maps in order). Sizes may be ints or scalar tensors (a
+    map of unknown size: the table is then computed in the graph)."""
+    taps = np.arange(_WINDOW, dtype="int32")
+    dy = ops.convert_to_tensor(np.repeat(taps, _WINDOW).reshape(-1, 1, 1))
+    dx = ops.convert_to_tensor(np.tile(taps, _WINDOW).reshape(-1, 1, 1))
+    tables, offset = [], 0
     for h, w in sizes:
         th, tw = _tiles(h), _tiles(w)
         width = TILE * tw + 2
-        rows, cols = np.meshgrid(np.arange(th) * TILE, np.arange(tw) * TILE, indexing="ij")
-        window = [offset + (rows + dy) * width + cols + dx for dy in range(_WINDOW) for dx in range(_WINDOW)]
-        taps.append(np.stack(window).reshape(_AREA, -1))
+        corners = ops.reshape(ops.arange(th, dtype="int32") * (TILE * width), (1, -1, 1)) + ops.reshape(
+            ops.arange(tw, dtype="int32") * TILE, (1, 1, -1)
+        )
+        tables.append(ops.reshape(offset + corners + dy * width + dx, (_AREA, -1)))
         offset += (TILE * th + 2) * width
-    return np.concatenate(taps, axis=1).reshape(-1).astype("int32")
+    return ops.reshape(ops.concatenate(tables, axis=1) if len(tables) > 1 else tables[0], (-1,))
