@@ -672,6 +672,12 @@ class SOLOv2(keras.Model):
         self.weight_decay = float(weight_decay or 0.0)
         self.grad_clip_norm = None if grad_clip_norm is None else float(grad_clip_norm)
         super().compile(optimizer=optimizer, **kwargs)
+        if self.built:
+            # Now rather than in the first trace of `train_step` (where Keras
+            # builds it without a distribution strategy): a `tf.function`
+            # that creates variables traces twice and keeps both graphs,
+            # 0.14 GB of memory for R50's (≈ 21,000 ops each).
+            self.optimizer.build(self.trainable_variables)
 
     @staticmethod
     def _unpack(data):
@@ -692,8 +698,9 @@ class SOLOv2(keras.Model):
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         if not self.optimizer.built:
-            # As `fit` does before tracing: its slot variables' initialisers
-            # must not inherit the control dependencies below.
+            # (`compile` builds it when the model is built.) Before the block
+            # below: its slot variables' initialisers must not inherit the
+            # control dependencies.
             self.optimizer.build(variables)
         # Nothing below may start before every gradient exists: weight decay
         # (decay · v) and SGD's momentum term (momentum · m) read only
