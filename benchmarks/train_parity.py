@@ -19,7 +19,8 @@ losses:
 
 Also compares the step-0 gradient tensor by tensor (before clipping).
 Prints both loss sequences and their relative differences; writes
-`benchmarks/results/train_parity.json`. Step 0 is the forward pass on
+`benchmarks/results/train_parity.json` (`train_parity_direct.json` with
+`--no-winograd`). Step 0 is the forward pass on
 identical weights; later steps diverge slowly through float rounding
 (chaotic, amplified by the clipped steps) unless something is wrong.
 ≈ 4 min in all at 12 steps on 2 cores.
@@ -147,7 +148,7 @@ def dump_batches(work, steps, seed=0):
     return slots
 
 
-def run_ours(work, steps, slots):
+def run_ours(work, steps, slots, winograd=True):
     import keras
     import tensorflow as tf
 
@@ -157,7 +158,7 @@ def run_ours(work, steps, slots):
     from keras_solov2.convert.mmdet_checkpoint import load_into_model, load_state_dict
 
     d = np.load(work / "batches.npz")
-    model = tr.build_model(dict(tr.RECIPES["dsb2018"]), max_pos_pairs=slots * 5 * 9)
+    model = tr.build_model(dict(tr.RECIPES["dsb2018"]), max_pos_pairs=slots * 5 * 9, winograd=winograd)
     model(d["images"][0])
     load_into_model(model, load_state_dict(work / "init.pth"))
     model.compile(keras.optimizers.SGD(0.0025, momentum=0.9), weight_decay=1e-4, grad_clip_norm=35.0)
@@ -210,6 +211,8 @@ def main():
     ap.add_argument("--peer-python", default=os.environ.get("SOLOV2_PEER_PYTHON"), required=False)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--work", default="/tmp/train_parity")
+    ap.add_argument("--no-winograd", action="store_true",
+                    help="direct 3x3 convs instead of float32 Winograd (SOLOv2(winograd=False))")
     a = ap.parse_args()
     if not a.peer_python:
         sys.exit("--peer-python (or SOLOV2_PEER_PYTHON): the python of an mmdet 3.3 venv, see ../shared/peer")
@@ -219,7 +222,7 @@ def main():
     subprocess.run([a.peer_python, "-c", f"CFG = {MMDET_CFG!r}\n" + MMDET_SCRIPT, str(PEER_ENV), str(work),
                     str(a.steps)], check=True, stdout=subprocess.DEVNULL)
     mmdet = json.loads((work / "mmdet_log.json").read_text())
-    ours, grads = run_ours(work, a.steps, slots)
+    ours, grads = run_ours(work, a.steps, slots, winograd=not a.no_winograd)
     grad_rel = np.array([g["rel_diff"] for g in grads])
     print(f"\nstep-0 gradients, {len(grads)} tensors: relative difference median {np.median(grad_rel):.2e}, "
           f"max {grad_rel.max():.2e} ({grads[0]['tensor']})")
@@ -233,7 +236,7 @@ def main():
               f"{o['loss_cls']:>7.4f}   {m['loss_mask']:>10.4f} {o['loss_mask']:>7.4f}   {m['grad_norm']:.1f}"
               f"{' (clipped)' if m['grad_norm'] > 35 else ''}")
     rels = np.array([r["rel_loss_diff"] for r in rows])
-    summary = {"steps": a.steps, "step0_rel_diff": float(rels[0]),
+    summary = {"steps": a.steps, "winograd": not a.no_winograd, "step0_rel_diff": float(rels[0]),
                "step0_grad_rel_diff_median": float(np.median(grad_rel)),
                "step0_grad_rel_diff_max": float(grad_rel.max()),
                "max_abs_rel_diff_first_5": float(np.abs(rels[:5]).max()),
@@ -242,7 +245,7 @@ def main():
                "ours_mean_loss_last_5": float(np.mean([o["loss"] for o in ours[-5:]]))}
     print("\n" + "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_parity.json").write_text(
+    (RESULTS / f"train_parity{'_direct' if a.no_winograd else ''}.json").write_text(
         json.dumps({"summary": summary, "step0_gradients": grads, "steps": rows}, indent=1) + "\n")
 
 

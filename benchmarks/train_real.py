@@ -334,12 +334,12 @@ def any_slot_count(batch, any_batch_size=False):
                "gt_labels": tf.TensorSpec((b, None), tf.int32)}
 
 
-def build_model(recipe, max_pos_pairs, dtype=None):
+def build_model(recipe, max_pos_pairs, dtype=None, winograd=True):
     from keras_solov2.models.solov2 import SOLOv2
 
     return SOLOv2.from_architecture("solov2_light_r18", num_classes=1, class_names=[recipe["category"]],
                                     frozen_stages=-1, norm_eval=False, max_pos_pairs=max_pos_pairs, dtype=dtype,
-                                    **TEST_CFG)
+                                    winograd=winograd, **TEST_CFG)
 
 
 def train_loop(model, plan, streams, epochs, steps, log_path):
