@@ -122,6 +122,15 @@ def test_train_step_traces_once():
     assert step.experimental_get_tracing_count() == 1
     model.fit(images, y, batch_size=2, epochs=1, verbose=0)  # still trains after the early build
     assert int(model.optimizer.iterations) == 2
+    # Unfrozen after compile: a clear error naming the fix, then fine after compiling again.
+    model.mask_feature_head.trainable = False
+    model.compile()
+    model.mask_feature_head.trainable = True
+    with pytest.raises(ValueError, match=r"became trainable after `compile\(\)` .*mask_feature_head.*compile"):
+        model.fit(images, y, batch_size=2, epochs=1, verbose=0)
+    model.compile()
+    model.fit(images, y, batch_size=2, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 1
 
 
 def test_optimizer_waits_for_the_gradients():

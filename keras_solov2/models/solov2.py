@@ -658,6 +658,10 @@ class SOLOv2(keras.Model):
             global_batch_size: images per optimizer step over all replicas.
             steps_per_epoch: optimizer steps per epoch (for the decay steps).
             schedule: `"1x"` or `"3x"`.
+
+        A built model's optimizer is built here, for its trainable variables
+        at this point: set `trainable` (e.g. freeze the backbone) before
+        compiling, as Keras asks.
         """
         from keras_solov2.schedules import SCHEDULES, WarmupMultiStepDecay, solov2_schedule
 
@@ -678,6 +682,7 @@ class SOLOv2(keras.Model):
             # that creates variables traces twice and keeps both graphs,
             # 0.14 GB of memory for R50's (≈ 21,000 ops each).
             self.optimizer.build(self.trainable_variables)
+        self._compiled_trainable = {id(v) for v in self.trainable_variables} if self.built else None
 
     @staticmethod
     def _unpack(data):
@@ -696,6 +701,14 @@ class SOLOv2(keras.Model):
             scaled = self.optimizer.scale_loss(loss_dict["loss"])
         self._report_non_finite(loss_dict, data)
         variables = self.trainable_variables
+        compiled = getattr(self, "_compiled_trainable", None)
+        added = [v.path for v in variables if compiled is not None and id(v) not in compiled]
+        if added:
+            raise ValueError(
+                f"{len(added)} variables became trainable after `compile()` (e.g. {added[0]}), and the "
+                "optimizer built there has no slots for them: call `model.compile(...)` again after "
+                "changing `trainable`."
+            )
         grads = tape.gradient(scaled, variables)
         if not self.optimizer.built:
             # (`compile` builds it when the model is built.) Before the block
