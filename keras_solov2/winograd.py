@@ -270,18 +270,23 @@ def _tile_table(sizes):
     """`(36 · N,)` int32: for each of the 36 taps (row-major over the 6×6
     window), the row of every tile's input in the maps' zero-padded
     `(4·th + 2) × (4·tw + 2)` grids, flattened and concatenated (tiles of a
-    map row-major, maps in order). Sizes may be ints or scalar tensors (a
-    map of unknown size: the table is then computed in the graph)."""
+    map row-major, maps in order). Sizes may be ints (a NumPy array: one
+    constant in the graph) or scalar tensors (a map of unknown size: the
+    table is then computed in the graph)."""
+    static = all(isinstance(d, int) for size in sizes for d in size)
+    xp = np if static else ops
     taps = np.arange(_WINDOW, dtype="int32")
-    dy = ops.convert_to_tensor(np.repeat(taps, _WINDOW).reshape(-1, 1, 1))
-    dx = ops.convert_to_tensor(np.tile(taps, _WINDOW).reshape(-1, 1, 1))
+    dy = np.repeat(taps, _WINDOW).reshape(-1, 1, 1)
+    dx = np.tile(taps, _WINDOW).reshape(-1, 1, 1)
+    if not static:
+        dy, dx = ops.convert_to_tensor(dy), ops.convert_to_tensor(dx)
     tables, offset = [], 0
     for h, w in sizes:
         th, tw = _tiles(h), _tiles(w)
         width = TILE * tw + 2
-        corners = ops.reshape(ops.arange(th, dtype="int32") * (TILE * width), (1, -1, 1)) + ops.reshape(
-            ops.arange(tw, dtype="int32") * TILE, (1, 1, -1)
+        corners = xp.reshape(xp.arange(th, dtype="int32") * (TILE * width), (1, -1, 1)) + xp.reshape(
+            xp.arange(tw, dtype="int32") * TILE, (1, 1, -1)
         )
-        tables.append(ops.reshape(offset + corners + dy * width + dx, (_AREA, -1)))
+        tables.append(xp.reshape(offset + corners + dy * width + dx, (_AREA, -1)))
         offset += (TILE * th + 2) * width
-    return ops.reshape(ops.concatenate(tables, axis=1) if len(tables) > 1 else tables[0], (-1,))
+    return xp.reshape(xp.concatenate(tables, axis=1) if len(tables) > 1 else tables[0], (-1,))
