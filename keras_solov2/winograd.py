@@ -103,6 +103,23 @@ def _devices():
     return tuple(keras.distribution.list_devices())
 
 
+def conv_same(maps, kernel, winograd=True):
+    """`ops.conv(x, kernel, padding="same")` of each map, by `conv3x3_same`
+    for a 3×3 kernel if `winograd` and `use_winograd(kernel.dtype)`.
+
+    Args:
+        maps: list of `(B, H_i, W_i, C)` (see `conv3x3_same`).
+        kernel: `(k, k, C, K)`, the maps' dtype.
+        winograd: the calling layer's setting; `False` keeps direct convs.
+
+    Returns:
+        List of `(B, H_i, W_i, K)`, no bias.
+    """
+    if winograd and tuple(kernel.shape[:2]) == (3, 3) and use_winograd(kernel.dtype):
+        return conv3x3_same(maps, kernel)
+    return [ops.conv(x, kernel, padding="same") for x in maps]
+
+
 def winograd_kernel(kernel):
     """A 3×3 conv kernel in the transform domain, `G g Gᵀ` per channel pair.
 

@@ -3,7 +3,7 @@
 import keras
 
 from keras_solov2.layers.group_norm import GroupNorm
-from keras_solov2.winograd import conv3x3_same, use_winograd
+from keras_solov2.winograd import conv_same
 
 
 @keras.saving.register_keras_serializable(package="keras_solov2")
@@ -72,13 +72,9 @@ class ConvNormReLU(keras.layers.Layer):
         self.gn.build(tuple(input_shape[:-1]) + (self.filters,))
 
     def call(self, inputs, kernel=None):
-        if kernel is None and self.kernel_size == 3 and self.winograd and use_winograd(self.compute_dtype):
-            x = conv3x3_same([inputs], keras.ops.cast(self.conv.kernel, self.compute_dtype))[0]
-        elif kernel is None:
-            x = self.conv(inputs)
-        else:
-            x = keras.ops.conv(inputs, kernel, padding="same")
-        return self.norm_relu(x)
+        if kernel is None:
+            kernel = keras.ops.cast(self.conv.kernel, self.compute_dtype)
+        return self.norm_relu(conv_same([inputs], kernel, self.winograd)[0])
 
     def norm_relu(self, conv_output):
         """GroupNorm → ReLU of this layer's conv output computed elsewhere

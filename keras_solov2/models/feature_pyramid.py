@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_solov2.winograd import conv3x3_same, use_winograd
+from keras_solov2.winograd import conv_same
 
 
 @keras.saving.register_keras_serializable(package="keras_solov2")
@@ -74,10 +74,8 @@ class SOLOv2FeaturePyramid(keras.layers.Layer):
         return outs
 
     def _output_conv(self, conv, x):
-        if self.winograd and use_winograd(self.compute_dtype):
-            kernel, bias = (ops.cast(v, self.compute_dtype) for v in (conv.kernel, conv.bias))
-            return ops.add(conv3x3_same([x], kernel)[0], bias)
-        return conv(x)
+        kernel, bias = (ops.cast(v, self.compute_dtype) for v in (conv.kernel, conv.bias))
+        return ops.add(conv_same([x], kernel, self.winograd)[0], bias)
 
     def compute_output_shape(self, input_shape):
         shapes = [tuple(s[:-1]) + (self.channels,) for s in input_shape]

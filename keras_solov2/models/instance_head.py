@@ -10,7 +10,7 @@ from keras_solov2.gather import take_rows
 from keras_solov2.layers.conv_norm_relu import ConvNormReLU
 from keras_solov2.layers.coord_conv import CoordConv
 from keras_solov2.layers.resize import resize_bilinear
-from keras_solov2.winograd import conv3x3_same, use_winograd
+from keras_solov2.winograd import conv_same, use_winograd
 
 
 @keras.saving.register_keras_serializable(package="keras_solov2")
@@ -167,12 +167,6 @@ class SOLOv2InstanceHead(keras.layers.Layer):
             weights[conv.name + "/bias"] = ops.cast(conv.bias, self.compute_dtype)
         return weights
 
-    def _convs(self, maps, name, weights):
-        """The 3×3 "same" conv `weights[name]` of every level's map."""
-        if self.uses_winograd():
-            return conv3x3_same(maps, weights[name])
-        return [ops.conv(x, weights[name], padding="same") for x in maps]
-
     def category_branches(self, feats, weights=None):
         """Levels' `(B, S, S, C_fpn + 2)` features → `(B, S, S, C)` logits each.
 
@@ -181,7 +175,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         weights = self.branch_weights() if weights is None else weights
         x = [f[..., :-2] for f in feats]
         for conv in self.cls_convs:
-            x = [conv.norm_relu(y) for y in self._convs(x, conv.name, weights)]
+            x = [conv.norm_relu(y) for y in conv_same(x, weights[conv.name], self.winograd)]
         return self._output_convs(self.conv_cls, x, weights)
 
     def kernel_branches(self, feats, weights=None):
@@ -200,7 +194,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         weights = self.branch_weights() if weights is None else weights
         x = list(feats)
         for conv in self.kernel_convs:
-            x = [conv.norm_relu(y) for y in self._convs(x, conv.name, weights)]
+            x = [conv.norm_relu(y) for y in conv_same(x, weights[conv.name], self.winograd)]
         return x
 
     def kernels_at(self, towers, cells):
@@ -258,7 +252,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
 
     def _output_convs(self, conv, maps, weights):
         """`conv` (3×3, same padding, bias) of every level's map, with the weights of `branch_weights`."""
-        return [ops.add(y, weights[conv.name + "/bias"]) for y in self._convs(maps, conv.name, weights)]
+        return [ops.add(y, weights[conv.name + "/bias"]) for y in conv_same(maps, weights[conv.name], self.winograd)]
 
     def call(self, inputs, dense_kernels=True):
         feats = self.level_features(inputs)
