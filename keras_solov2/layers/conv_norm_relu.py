@@ -23,11 +23,9 @@ class ConvNormReLU(keras.layers.Layer):
             CPU); relative error ≈ 2e-5.
 
     Call arguments:
-        inputs: `(B, H, W, C_in)`.
-        kernel: optional `(k, k, C_in, filters)` conv kernel, in the compute
-            dtype, used instead of reading the layer's own: a layer applied
-            to several pyramid levels can then cast its weight once (see
-            `SOLOv2InstanceHead.branch_weights`).
+        inputs: `(B, H, W, C_in)`. (`SOLOv2InstanceHead` runs a layer's conv
+            on all pyramid levels at once, with weights cast once, and only
+            calls `norm_relu` on the results.)
 
     Returns:
         `(B, H, W, filters)`, non-negative.
@@ -71,9 +69,8 @@ class ConvNormReLU(keras.layers.Layer):
         self.conv.build(input_shape)
         self.gn.build(tuple(input_shape[:-1]) + (self.filters,))
 
-    def call(self, inputs, kernel=None):
-        if kernel is None:
-            kernel = keras.ops.cast(self.conv.kernel, self.compute_dtype)
+    def call(self, inputs):
+        kernel = keras.ops.cast(self.conv.kernel, self.compute_dtype)
         return self.norm_relu(conv_same([inputs], kernel, self.winograd)[0])
 
     def norm_relu(self, conv_output):
