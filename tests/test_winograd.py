@@ -131,10 +131,12 @@ def test_setting_round_trips_and_bfloat16_uses_direct_convs():
     assert not mixed.instance_head.uses_winograd()
 
 
+@pytest.mark.parametrize("winograd", [True, False])
 @pytest.mark.parametrize("needed_levels", [[], [2]])
-def test_inference_outputs_run_every_tower_if_one_is_needed(needed_levels):
-    """With Winograd, `inference_outputs` runs the kernel towers of all levels together."""
-    model = tiny_solov2()
+def test_inference_outputs_run_every_tower_if_one_is_needed(needed_levels, winograd):
+    """With Winograd, `inference_outputs` runs the kernel towers of all levels
+    together (one group); with direct convs, each level's on its own."""
+    model = tiny_solov2(winograd=winograd)
     head = model.instance_head
     images = np.random.default_rng(3).uniform(0, 255, (1, 64, 96, 3)).astype("float32")
     if needed_levels:

@@ -391,16 +391,17 @@ class SOLOv2(keras.Model):
             for logits in cls_logits
         ]
         zeros = [ops.zeros((ops.shape(f)[0], f.shape[1], f.shape[2], head.feat_channels), f.dtype) for f in feats]
-        if head.uses_winograd():
-            kernel_feats = ops.cond(
-                ops.any(ops.stack(needed)), lambda: head.kernel_towers(feats, weights), lambda: zeros
+        # Winograd convs run a layer's levels in one go: one group of all levels.
+        levels = list(range(len(feats)))
+        groups = [levels] if head.uses_winograd() else [[i] for i in levels]
+        kernel_feats = []
+        for group in groups:
+            kernel_feats += ops.cond(
+                ops.any(ops.stack([needed[i] for i in group])),
+                lambda g=group: head.kernel_towers([feats[i] for i in g], weights),
+                lambda g=group: [zeros[i] for i in g],
             )
-        else:
-            kernel_feats = [
-                ops.cond(need, lambda f=f: head.kernel_towers([f], weights)[0], lambda z=z: z)
-                for need, f, z in zip(needed, feats, zeros)
-            ]
-        return {"cls_logits": cls_logits, "kernel_feats": list(kernel_feats), "mask_features": mask_features}
+        return {"cls_logits": cls_logits, "kernel_feats": kernel_feats, "mask_features": mask_features}
 
     # ---------------------------------------------------------------- targets
     def assign_targets(self, gt_masks, gt_labels, image_shape=None):
