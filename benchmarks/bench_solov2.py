@@ -631,7 +631,7 @@ def main():
     ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict/train step")
     ap.add_argument("--with-cp", action="store_true", help="also the train step with SOLOv2(with_cp=True)")
     ap.add_argument("--no-winograd", action="store_true",
-                    help="SOLOv2(winograd=False): direct convs in the head towers (float32)")
+                    help="SOLOv2(winograd=False): direct 3x3 convs after the backbone (FPN, mask branch, head; float32)")
     ap.add_argument("--defer-tensorflow-text", action="store_true",
                     help="keras_solov2.defer_tensorflow_text() in each section, as the command line does")
     ap.add_argument("--peer-python", default=None, help="python of an mmdet 3.3 venv (../shared/peer)")
