@@ -20,10 +20,13 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   `mixed_bfloat16`: the bfloat16 inference path);
 * one train step, R50 batch 2 at 512×512 with 4 instances per image (the
   peer's shapes and sizes)
-  (median step time and the peak RSS of the process that ran it, split into
-  what the process held before the step, after its imports and with the
-  model built, and what the step added; mmdet's split from
-  `peer_train_memory.py`), per policy;
+  (median step time; the peak RSS after the timed steps, and after
+  `--train-memory-steps` steps in all in a plain loop on both sides (mmdet's
+  from `peer_train_memory.py --steps`: the peer script keeps every step's
+  loss dict, which inflates its own peak); that peak split into what the
+  process held before the step, after its imports and with the model built
+  (and how much of it is file-backed: shared libraries' pages), and what the
+  step added; TensorFlow's tensor peak), per policy;
   with `--with-cp` also with `SOLOv2(with_cp=True)` (backbone stages
   recomputed in the backward pass);
 * Matrix NMS alone: N = 100, 500 box masks at 200×336, gaussian and linear;
@@ -41,9 +44,9 @@ candidates) and `peer_train_memory.py` in that venv, and prints ours/mmdet
 ratios. See
 benchmarks/README.md.
 
-Usage: python benchmarks/bench_solov2.py [--threads 2] [--dtypes float32,mixed_bfloat16]
+Usage: python benchmarks/bench_solov2.py [--threads 2] [--inter-op-threads N] [--dtypes float32,mixed_bfloat16]
        [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--no-winograd]
-       [--defer-tensorflow-text]
+       [--defer-tensorflow-text] [--train-memory-steps 12]
        [--peer-python P]
        [--rounds N] [--out FILE]
 """
@@ -142,11 +145,16 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def resident_mb():
-    """This process's resident set now (VmRSS), in MB; None without /proc."""
+def resident_mb(field="VmRSS"):
+    """This process's resident set now, in MB; None without /proc.
+
+    `field`: a `/proc/self/status` line, e.g. `"RssFile"`, the part of the
+    resident set that is pages of mapped files (mostly the shared libraries'
+    code and read-only data: clean, reclaimable, but counted in RSS).
+    """
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -272,7 +280,11 @@ def synthetic_instances(h, w, n, rng):
     return masks
 
 
-def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_compile=False):
+def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_compile=False, memory_steps=0):
+    """One train step's time, and the process's peak RSS after the timed steps
+    and (`memory_steps` > 0) after that many steps in all, the rest run back to
+    back: TensorFlow's allocator touches more of its pool over the first ~10
+    steps, so the peak after 4 steps understates a training's."""
     import numpy as np
     import tensorflow as tf
 
@@ -284,15 +296,41 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_com
     # report (string formatting), which XLA cannot compile.
     model.compile(jit_compile=jit_compile)
     data = (tf.constant(images), {"gt_masks": tf.constant(masks), "gt_labels": tf.constant(labels)})
-    step = tf.function(model.train_step, jit_compile=jit_compile)
-    return {
+    traced = tf.function(model.train_step, jit_compile=jit_compile)
+    calls = [0]
+
+    def step():
+        calls[0] += 1
+        return traced(data)
+
+    result = {
         "batch": batch,
         "input_hw": [h, w],
         "gt_instances_per_img": [instances] * batch,
         "dtype_policy": model.dtype_policy.name,
-        "train_step_ms": timeit_graph(lambda: step(data), warmup, runs, jit_compile),
+        "train_step_ms": timeit_graph(step, warmup, runs, jit_compile),
         "peak_rss_mb": peak_rss_mb(),
+        "tensor_peak_mb": tensor_peak_mb(),
     }
+    if memory_steps and "error" not in result["train_step_ms"]:
+        while calls[0] < memory_steps:
+            step()
+        result["plain_loop"] = {"steps": calls[0], "peak_rss_mb": peak_rss_mb()}
+    return result
+
+
+def tensor_peak_mb():
+    """TensorFlow's own count of the largest total of live tensors on the CPU
+    (its allocator's statistics; None where it keeps none, e.g. with
+    `TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1`). The RSS is above it by the process's
+    other memory and what the allocator's pool has touched beyond it."""
+    import tensorflow as tf
+
+    try:
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    except (ValueError, RuntimeError):
+        return None
+    return peak / 2**20 if peak else None
 
 
 def bench_matrix_nms(warmup, runs, ns=(100, 500), hw=(200, 336)):
@@ -344,7 +382,7 @@ def run_section(a, section, dtype):
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(a.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(a.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads(a))
     import keras_solov2
 
     if a.defer_tensorflow_text:
@@ -370,8 +408,10 @@ def run_section(a, section, dtype):
         # model), to split the peak as `peer_train_memory.py` does for mmdet.
         after_imports = resident_mb()
         model = build("solov2_r50", with_cp=section == "train_cp")
-        before = {"after_imports": after_imports, "model_built": resident_mb()}
-        result = bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile)
+        before = {"after_imports": after_imports, "model_built": resident_mb(),
+                  "model_built_file_backed": resident_mb("RssFile")}
+        result = bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile,
+                             memory_steps=a.train_memory_steps)
         return {**result, "rss_before_step_mb": before}
     if section == "retrace":
         return bench_retrace(build("solov2_r50"))
@@ -406,14 +446,17 @@ def run_ours(a):
 
     res = {"versions": {"keras_solov2": keras_solov2.__version__, "tensorflow": tf.__version__,
                         "keras": __import__("keras").__version__, "python": platform.python_version()},
-           "machine": _machine(), "threads": a.threads, "jit_compile": a.jit_compile,
+           "machine": _machine(), "threads": a.threads, "inter_op_threads": inter_op_threads(a),
+           "jit_compile": a.jit_compile,
            "winograd": not a.no_winograd, "defer_tensorflow_text": a.defer_tensorflow_text, "sections": {}}
     for section, dtype in sections:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
         cmd = [sys.executable, __file__, "--section", section, "--section-dtype", dtype, "--section-out", out,
-               "--threads", str(a.threads), "--warmup", str(a.warmup), "--runs", str(a.runs),
-               "--train-warmup", str(a.train_warmup), "--train-runs", str(a.train_runs), "--forced-k", a.forced_k]
+               "--threads", str(a.threads), "--inter-op-threads", str(inter_op_threads(a)),
+               "--warmup", str(a.warmup), "--runs", str(a.runs), "--train-warmup", str(a.train_warmup),
+               "--train-runs", str(a.train_runs), "--train-memory-steps", str(a.train_memory_steps),
+               "--forced-k", a.forced_k]
         if a.jit_compile:
             cmd.append("--jit-compile")
         if a.defer_tensorflow_text:
@@ -452,6 +495,10 @@ def _machine():
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return {"cpu": info["model name"], "cpu_family": info["cpu family"], "cpu_model": info["model"],
             "cores": os.cpu_count(), "isa": isa}
+
+
+def inter_op_threads(a):
+    return a.threads if a.inter_op_threads is None else a.inter_op_threads
 
 
 def peer_python(a):
@@ -512,10 +559,14 @@ def run_peer(a, python):
         # What mmdet's process holds before its step (the peer script reports
         # only the peak): the "before the step" and "the step adds" rows.
         out = Path(a.out).with_suffix(".mmdet_memory.json")
-        cmd = [python, str(PEER_MEMORY_SCRIPT), "--threads", str(a.threads), "--out", str(out)]
+        cmd = [python, str(PEER_MEMORY_SCRIPT), "--threads", str(a.threads), "--steps", str(a.train_memory_steps),
+               "--out", str(out)]
         print("mmdet:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        merged["train_rss_before_step_mb"] = json.loads(out.read_text())["rss_before_step_mb"]
+        memory = json.loads(out.read_text())
+        merged["train_rss_before_step_mb"] = memory["rss_before_step_mb"]
+        if "plain_loop" in memory:
+            merged["train_plain_loop"] = memory["plain_loop"]
         out.unlink()
     return merged
 
@@ -566,22 +617,42 @@ def table_rows(ours, peer):
         elif section in ("train", "train_cp"):
             cp = " with_cp" if section == "train_cp" else ""
             add(f"train step R50 b2 512²{tag}{cp}", r["train_step_ms"], get(peer, "train", "train_step_ms"))
+            ratio = lambda own, ref: f"{own / ref:.2f}" if own and ref else ""  # noqa: E731
+            # After the timed steps (in results from before 2026-11-25, the
+            # process's peak); mmdet's is its script's process, which keeps
+            # every step's loss dict (+60–90 MB per step).
+            own_rss = r.get("peak_rss_mb", r["process_peak_rss_mb"])
             ref_rss = get(peer, "process_peak_rss_mb_train")
-            rows.append(("  peak RSS MB (process)", f"{r['process_peak_rss_mb']:.0f}",
-                         f"{ref_rss:.0f}" if ref_rss else "",
-                         f"{r['process_peak_rss_mb'] / ref_rss:.2f}" if ref_rss else ""))
+            rows.append(("  peak RSS MB (timed steps; mmdet: its script)", f"{own_rss:.0f}",
+                         f"{ref_rss:.0f}" if ref_rss else "", ratio(own_rss, ref_rss)))
+            loop, ref_loop = r.get("plain_loop"), get(peer, "train_plain_loop")
+            if loop:
+                ref_mb = get(ref_loop, "peak_rss_mb")
+                rows.append((f"  peak RSS MB after {loop['steps']} steps (plain loop)",
+                             f"{loop['peak_rss_mb']:.0f}", f"{ref_mb:.0f}" if ref_mb else "",
+                             ratio(loop["peak_rss_mb"], ref_mb)))
+                if ref_mb:  # the split below: of these peaks
+                    own_rss, ref_rss = loop["peak_rss_mb"], ref_mb
             before, ref_before = r.get("rss_before_step_mb"), get(peer, "train_rss_before_step_mb")
             if before and before["model_built"]:
                 rows.append(("  RSS MB before the step: imports, model built",
                              f"{before['after_imports']:.0f}, {before['model_built']:.0f}",
                              f"{ref_before['after_imports']:.0f}, {ref_before['model_built']:.0f}"
-                             if ref_before else "",
-                             f"{before['model_built'] / ref_before['model_built']:.2f}" if ref_before else ""))
-                added = r["process_peak_rss_mb"] - before["model_built"]
+                             if ref_before else "", ratio(before["model_built"], get(ref_before, "model_built"))))
+                file_backed, ref_file_backed = (before.get("model_built_file_backed"),
+                                                get(ref_before, "model_built_file_backed"))
+                if file_backed:
+                    rows.append(("  of which file-backed pages (shared libraries)", f"{file_backed:.0f}",
+                                 f"{ref_file_backed:.0f}" if ref_file_backed else "", ""))
+                    if ref_file_backed and ref_rss:
+                        own, ref = own_rss - file_backed, ref_rss - ref_file_backed
+                        rows.append(("  peak RSS MB − file-backed pages", f"{own:.0f}", f"{ref:.0f}", ratio(own, ref)))
+                added = own_rss - before["model_built"]
                 ref_added = ref_rss - ref_before["model_built"] if ref_rss and ref_before else None
                 rows.append(("  RSS MB the step adds (peak − model built)", f"{added:.0f}",
-                             f"{ref_added:.0f}" if ref_added else "",
-                             f"{added / ref_added:.2f}" if ref_added else ""))
+                             f"{ref_added:.0f}" if ref_added else "", ratio(added, ref_added)))
+            if r.get("tensor_peak_mb"):
+                add("  TensorFlow's tensor peak MB (allocator statistics)", text=f"{r['tensor_peak_mb']:.0f}")
         elif section == "retrace":
             add(f"predict on {len(r['calls'])} sizes{tag}: graphs compiled", text=str(r["graphs_compiled"]))
         elif section == "nms":
@@ -620,10 +691,17 @@ def rounds_summary(rounds):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--inter-op-threads", type=int, default=None,
+                    help="TensorFlow ops run at once (default: --threads, as TensorFlow's own default on a "
+                         "machine with that many cores); 1 runs one op at a time, as PyTorch's eager mode, "
+                         "each op still on --threads threads")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--train-warmup", type=int, default=1)
     ap.add_argument("--train-runs", type=int, default=3)
+    ap.add_argument("--train-memory-steps", type=int, default=12,
+                    help="train steps in all (timed ones included) after which each side's peak RSS is read "
+                         "again, mmdet's in a plain loop (peer_train_memory.py); 0: skip")
     ap.add_argument("--sizes", default="512x512,800x1333")
     ap.add_argument("--forced-k", default="100,500")
     ap.add_argument("--dtypes", default="float32,mixed_bfloat16", help="dtype policies to measure")
