@@ -584,6 +584,9 @@ def table_rows(ours, peer):
         ratio = f"{ms['median'] / ref['median']:.2f}" if ms and ref and "median" in ms else ""
         rows.append((name, text if text is not None else fmt(ms), fmt(ref) if ref else "", ratio))
 
+    def ratio(own, ref):
+        return f"{own / ref:.2f}" if own and ref else ""
+
     def get(d, *keys):
         for k in keys:
             if not isinstance(d, dict) or k not in d:
@@ -617,7 +620,6 @@ def table_rows(ours, peer):
         elif section in ("train", "train_cp"):
             cp = " with_cp" if section == "train_cp" else ""
             add(f"train step R50 b2 512²{tag}{cp}", r["train_step_ms"], get(peer, "train", "train_step_ms"))
-            ratio = lambda own, ref: f"{own / ref:.2f}" if own and ref else ""  # noqa: E731
             # After the timed steps (in results from before 2026-11-25, the
             # process's peak); mmdet's is its script's process, which keeps
             # every step's loss dict (+60–90 MB per step).
