@@ -15,6 +15,8 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   their masks are decoded and pasted at the input size; mmdet's reference
   for this row is its whole `predict` with 100 forced candidates,
   `peer_predict_candidates.py`), and with every branch computed (mmdet's way);
+  mmdet's light R18 reference comes from `peer_predict_light.py` (the peer
+  script builds only R50);
   the FLOPs of the backbone+neck and head graphs (TensorFlow's profiler) and
   the GFLOP/s they reach; for every `--dtypes` policy (`float32`, and
   `mixed_bfloat16`: the bfloat16 inference path);
@@ -40,8 +42,8 @@ discarded and repeated, with the peer script's contention gate (counts in
 the JSON's `contention_gate`). Comparison: `--peer-python /path/to/mmdet-venv/bin/python` (or
 SOLOV2_PEER_PYTHON) runs the peer script after ours, then
 `peer_predict_candidates.py` (mmdet's whole predict with 100 forced
-candidates) and `peer_train_memory.py` in that venv, and prints ours/mmdet
-ratios. See
+candidates), `peer_predict_light.py` (mmdet's light R18) and
+`peer_train_memory.py` in that venv, and prints ours/mmdet ratios. See
 benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--inter-op-threads N] [--dtypes float32,mixed_bfloat16]
@@ -67,6 +69,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = ROOT.parent / "shared" / "peer" / "bench_solov2.py"
 PEER_CANDIDATES_SCRIPT = ROOT / "benchmarks" / "peer_predict_candidates.py"
 PEER_MEMORY_SCRIPT = ROOT / "benchmarks" / "peer_train_memory.py"
+PEER_LIGHT_SCRIPT = ROOT / "benchmarks" / "peer_predict_light.py"
+LIGHT_SIZE = (448, 768)
 
 
 # The peer script's contention gate, so that both sides are timed alike: a
@@ -402,7 +406,7 @@ def run_section(a, section, dtype):
         return bench_predict(model, h, w, a.warmup, a.runs, forced, a.jit_compile)
     if section == "infer_light":
         model = build("solov2_light_r18")
-        return bench_predict(model, 448, 768, a.warmup, a.runs, [], a.jit_compile)
+        return bench_predict(model, *LIGHT_SIZE, a.warmup, a.runs, [], a.jit_compile)
     if section in ("train", "train_cp"):
         # What the process holds before the step (TensorFlow, keras-hub, the
         # model), to split the peak as `peer_train_memory.py` does for mmdet.
@@ -555,6 +559,16 @@ def run_peer(a, python):
         for size, v in r["inference"].items():
             merged.setdefault("inference", {}).setdefault(size, {}).update(v)
         merged["contention_gate_candidates"] = r["contention_gate"]
+        # mmdet's light R18 (the peer script builds only R50).
+        out = Path(a.out).with_suffix(".mmdet_light.json")
+        cmd = [python, str(PEER_LIGHT_SCRIPT), "--threads", str(a.threads), "--warmup", str(a.warmup),
+               "--runs", str(a.runs), "--sizes", "x".join(map(str, LIGHT_SIZE)), "--out", str(out)]
+        print("mmdet:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        r = json.loads(out.read_text())
+        out.unlink()
+        merged["inference_light"] = r["inference"]
+        merged["contention_gate_light"] = r["contention_gate"]
     if "train" not in skip:
         # What mmdet's process holds before its step (the peer script reports
         # only the peak): the "before the step" and "the step adds" rows.
@@ -594,29 +608,31 @@ def table_rows(ours, peer):
             d = d[k]
         return d
 
+    def add_predict(name, r, p):
+        add(f"{name} full, every branch", r["full_predict_all_branches_ms"], get(p, "full_predict_ms"))
+        add("  full, as predict (no candidate: kernel branch skipped)", r["full_predict_ms"],
+            get(p, "full_predict_ms"))
+        if "full_predict_candidates_ms" in r:
+            add("  full, as predict, 100 candidates on every level", r["full_predict_candidates_ms"],
+                get(p, "full_predict_forced_candidates", "100", "full_predict_ms"))
+        add(f"  backbone+neck ({r['gflop_backbone_neck']:.0f} GFLOP, "
+            f"{r['gflops_per_s_backbone_neck']:.0f} GFLOP/s)", r["backbone_neck_ms"], get(p, "backbone_neck_ms"))
+        add(f"  head ({r['gflop_head']:.0f} GFLOP, {r['gflops_per_s_head']:.0f} GFLOP/s)",
+            r["head_forward_ms"], get(p, "head_forward_ms"))
+        for k, f in r["forced"].items():
+            add(f"  post-processing, {k} forced", f["postprocess_ms"],
+                get(p, "postprocess_forced_candidates", k, "postprocess_ms"))
+        add("  peak RSS MB (process)", text=f"{r['process_peak_rss_mb']:.0f}")
+
     for key, r in ours["sections"].items():
         section, dtype = key.split("|")
         tag = "" if dtype == "float32" else " bf16"
         if section.startswith("infer:"):
             s = section.split(":")[1]
-            p = get(peer, "inference", s)
-            add(f"predict R50 {s}{tag} full, every branch", r["full_predict_all_branches_ms"],
-                get(p, "full_predict_ms"))
-            add("  full, as predict (no candidate: kernel branch skipped)", r["full_predict_ms"],
-                get(p, "full_predict_ms"))
-            if "full_predict_candidates_ms" in r:
-                add("  full, as predict, 100 candidates on every level", r["full_predict_candidates_ms"],
-                    get(p, "full_predict_forced_candidates", "100", "full_predict_ms"))
-            add(f"  backbone+neck ({r['gflop_backbone_neck']:.0f} GFLOP, "
-                f"{r['gflops_per_s_backbone_neck']:.0f} GFLOP/s)", r["backbone_neck_ms"], get(p, "backbone_neck_ms"))
-            add(f"  head ({r['gflop_head']:.0f} GFLOP, {r['gflops_per_s_head']:.0f} GFLOP/s)",
-                r["head_forward_ms"], get(p, "head_forward_ms"))
-            for k, f in r["forced"].items():
-                add(f"  post-processing, {k} forced", f["postprocess_ms"],
-                    get(p, "postprocess_forced_candidates", k, "postprocess_ms"))
-            add("  peak RSS MB (process)", text=f"{r['process_peak_rss_mb']:.0f}")
+            add_predict(f"predict R50 {s}{tag}", r, get(peer, "inference", s))
         elif section == "infer_light":
-            add(f"predict light R18 448x768{tag} full", r["full_predict_ms"])
+            s = "x".join(map(str, r["input_hw"]))
+            add_predict(f"predict light R18 {s}{tag}", r, get(peer, "inference_light", s))
         elif section in ("train", "train_cp"):
             cp = " with_cp" if section == "train_cp" else ""
             add(f"train step R50 b2 512²{tag}{cp}", r["train_step_ms"], get(peer, "train", "train_step_ms"))
