@@ -92,21 +92,42 @@ def bench(peer, model, h, w, ks, warmup, runs):
     return results
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description, sizes, forced_k=None):
+    """The peer predict scripts' options (`--forced-k` if given a default)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--sizes", default="512x512,800x1333")
-    ap.add_argument("--forced-k", default="100")
+    ap.add_argument("--sizes", default=sizes)
+    if forced_k is not None:
+        ap.add_argument("--forced-k", default=forced_k)
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def start(a):
+    """The peer script, loaded, and torch set up as it sets itself up
+    (threads, mmengine's log level, the seed of its random init)."""
     peer = load_peer_bench()
     import torch
 
     torch.set_num_threads(a.threads)
     logging.getLogger("mmengine").setLevel(logging.WARNING)
-    torch.manual_seed(0)  # the peer script's random init
+    torch.manual_seed(0)
+    return peer, torch
+
+
+def write_results(peer, res, out):
+    """`res` with the peer contention gate's counts, written to `out` as JSON."""
+    res["contention_gate"] = dict(accepted=peer.LOG["accepted"], discarded=peer.LOG["discarded"],
+                                  unclean=peer.LOG["unclean_measurements"])
+    Path(out).write_text(json.dumps(res, indent=1))
+    print("wrote", os.path.abspath(out))
+
+
+def main():
+    a = parse_args(__doc__, "512x512,800x1333", forced_k="100")
+    peer, torch = start(a)
     model, _ = peer.peer_env.build_solov2()
     model.eval()
     ks = [int(k) for k in a.forced_k.split(",") if k]
@@ -115,10 +136,7 @@ def main():
         h, w = map(int, s.split("x"))
         res["inference"][s] = {"full_predict_forced_candidates": bench(peer, model, h, w, ks, a.warmup, a.runs)}
         print(s, json.dumps(res["inference"][s]), flush=True)
-    res["contention_gate"] = dict(accepted=peer.LOG["accepted"], discarded=peer.LOG["discarded"],
-                                  unclean=peer.LOG["unclean_measurements"])
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print("wrote", os.path.abspath(a.out))
+    write_results(peer, res, a.out)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,14 @@ Usage (mmdet venv of `../shared/peer/setup_venv.sh`):
     python benchmarks/peer_predict_light.py --sizes 448x768 --out FILE.json
 """
 
-import argparse
 import json
 import logging
 import os
-from pathlib import Path
 
-from peer_predict_candidates import load_peer_bench
+from peer_predict_candidates import parse_args, start, write_results
 
 CONFIG = "solov2-light_r18_fpn_ms-3x_coco.py"
+SIZE = (448, 768)  # the light configs' test size (their test pipeline's Resize scale)
 
 
 def build_light_r18(peer):
@@ -50,19 +49,8 @@ def build_light_r18(peer):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--sizes", default="448x768")
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    peer = load_peer_bench()
-    import torch
-
-    torch.set_num_threads(a.threads)
-    logging.getLogger("mmengine").setLevel(logging.WARNING)
-    torch.manual_seed(0)  # the peer script's random init
+    a = parse_args(__doc__, "x".join(map(str, SIZE)))
+    peer, torch = start(a)
     model = build_light_r18(peer)
     res = {"threads": torch.get_num_threads(), "config": f"{CONFIG} (random init)",
            "num_params_M": sum(p.numel() for p in model.parameters()) / 1e6, "inference": {}}
@@ -70,10 +58,7 @@ def main():
         h, w = map(int, s.split("x"))
         res["inference"][s] = peer.bench_inference(model, h, w, a.warmup, a.runs, [])
         print(s, json.dumps(res["inference"][s]), flush=True)
-    res["contention_gate"] = dict(accepted=peer.LOG["accepted"], discarded=peer.LOG["discarded"],
-                                  unclean=peer.LOG["unclean_measurements"])
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print("wrote", os.path.abspath(a.out))
+    write_results(peer, res, a.out)
 
 
 if __name__ == "__main__":
