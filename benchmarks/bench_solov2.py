@@ -524,64 +524,53 @@ def peer_python(a):
 
 
 def run_peer(a, python):
-    """mmdet's script, inference+NMS and the train step in separate processes."""
+    """mmdet's script, inference+NMS and the train step in separate processes,
+    then our peer-venv scripts (candidates, light R18, train memory)."""
     if not python:
         return None
     skip = set(a.skip.split(",")) if a.skip else set()
     merged = {}
+    timing = ["--warmup", str(a.warmup), "--runs", str(a.runs)]
+
+    def run(script, name, *args):
+        """`script` in the peer venv → (its JSON result, its process's peak RSS in MB)."""
+        out = Path(a.out).with_suffix(f".mmdet_{name}.json")
+        cmd = [python, str(script), "--threads", str(a.threads), *args, "--out", str(out)]
+        print("mmdet:", " ".join(cmd), flush=True)
+        rss = _subprocess(cmd, stdout=subprocess.DEVNULL)
+        result = json.loads(out.read_text())
+        out.unlink()
+        return result, rss
+
     parts = [("infer_nms", "train"), ("train", "infer,nms")]
     for name, peer_skip in parts:
         wanted = {"infer_nms": {"infer", "nms"}, "train": {"train"}}[name]
         if wanted <= skip:
             continue
-        out = Path(a.out).with_suffix(f".mmdet_{name}.json")
-        cmd = [python, str(PEER_SCRIPT), "--threads", str(a.threads), "--warmup", str(a.warmup),
-               "--runs", str(a.runs), "--train-warmup", str(a.train_warmup), "--train-runs", str(a.train_runs),
-               "--sizes", a.sizes, "--forced-k", a.forced_k, "--out", str(out),
-               "--skip", ",".join(sorted(set(peer_skip.split(",")) | (skip & {"infer", "train", "nms"})))]
-        print("mmdet:", " ".join(cmd), flush=True)
-        rss = _subprocess(cmd, stdout=subprocess.DEVNULL)
-        r = json.loads(out.read_text())
-        out.unlink()
+        r, rss = run(PEER_SCRIPT, name, *timing, "--train-warmup", str(a.train_warmup),
+                     "--train-runs", str(a.train_runs), "--sizes", a.sizes, "--forced-k", a.forced_k,
+                     "--skip", ",".join(sorted(set(peer_skip.split(",")) | (skip & {"infer", "train", "nms"}))))
         for k, v in r.items():
             merged.setdefault(k, v)
         merged[f"process_peak_rss_mb_{name}"] = rss
     if "infer" not in skip:
         # mmdet's whole predict with 100 forced candidates: the reference of
         # our "100 candidates" row (the peer script times it without any).
-        out = Path(a.out).with_suffix(".mmdet_candidates.json")
-        cmd = [python, str(PEER_CANDIDATES_SCRIPT), "--threads", str(a.threads), "--warmup", str(a.warmup),
-               "--runs", str(a.runs), "--sizes", a.sizes, "--forced-k", "100", "--out", str(out)]
-        print("mmdet:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        r = json.loads(out.read_text())
-        out.unlink()
+        r, _ = run(PEER_CANDIDATES_SCRIPT, "candidates", *timing, "--sizes", a.sizes, "--forced-k", "100")
         for size, v in r["inference"].items():
             merged.setdefault("inference", {}).setdefault(size, {}).update(v)
         merged["contention_gate_candidates"] = r["contention_gate"]
         # mmdet's light R18 (the peer script builds only R50).
-        out = Path(a.out).with_suffix(".mmdet_light.json")
-        cmd = [python, str(PEER_LIGHT_SCRIPT), "--threads", str(a.threads), "--warmup", str(a.warmup),
-               "--runs", str(a.runs), "--sizes", "x".join(map(str, LIGHT_SIZE)), "--out", str(out)]
-        print("mmdet:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        r = json.loads(out.read_text())
-        out.unlink()
+        r, _ = run(PEER_LIGHT_SCRIPT, "light", *timing, "--sizes", "x".join(map(str, LIGHT_SIZE)))
         merged["inference_light"] = r["inference"]
         merged["contention_gate_light"] = r["contention_gate"]
     if "train" not in skip:
         # What mmdet's process holds before its step (the peer script reports
         # only the peak): the "before the step" and "the step adds" rows.
-        out = Path(a.out).with_suffix(".mmdet_memory.json")
-        cmd = [python, str(PEER_MEMORY_SCRIPT), "--threads", str(a.threads), "--steps", str(a.train_memory_steps),
-               "--out", str(out)]
-        print("mmdet:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        memory = json.loads(out.read_text())
+        memory, _ = run(PEER_MEMORY_SCRIPT, "memory", "--steps", str(a.train_memory_steps))
         merged["train_rss_before_step_mb"] = memory["rss_before_step_mb"]
         if "plain_loop" in memory:
             merged["train_plain_loop"] = memory["plain_loop"]
-        out.unlink()
     return merged
 
 
