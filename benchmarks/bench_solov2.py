@@ -583,12 +583,12 @@ def table_rows(ours, peer):
             return "does not compile"
         return f"{ms['median']:.0f} ({ms['min']:.0f}–{ms['max']:.0f})"
 
-    def add(name, ms=None, ref=None, text=None):
-        ratio = f"{ms['median'] / ref['median']:.2f}" if ms and ref and "median" in ms else ""
-        rows.append((name, text if text is not None else fmt(ms), fmt(ref) if ref else "", ratio))
-
     def ratio(own, ref):
         return f"{own / ref:.2f}" if own and ref else ""
+
+    def add(name, ms=None, ref=None, text=None):
+        r = ratio(ms["median"], ref["median"]) if ms and ref and "median" in ms else ""
+        rows.append((name, text if text is not None else fmt(ms), fmt(ref) if ref else "", r))
 
     def get(d, *keys):
         for k in keys:
