@@ -23,12 +23,11 @@ Usage (mmdet venv of `../shared/peer/setup_venv.sh`):
 
 import argparse
 import json
-import logging
 import os
 from pathlib import Path
 
 from bench_solov2 import peak_rss_mb, resident_mb  # (standard library only at module level)
-from peer_predict_candidates import load_peer_bench
+from peer_predict_candidates import start
 
 
 def main():
@@ -38,15 +37,11 @@ def main():
                     help="then this many train steps in a plain loop (each step's outputs dropped): their peak RSS")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    peer = load_peer_bench()
-    import torch
+    peer, torch = start(a)
     from mmdet.utils import register_all_modules
 
-    torch.set_num_threads(a.threads)
-    logging.getLogger("mmengine").setLevel(logging.WARNING)
     register_all_modules(init_default_scope=True)
     after_imports = resident_mb()
-    torch.manual_seed(0)  # the peer script's random init
     model, cfg = peer.peer_env.build_solov2()
     model.eval()
     res = {"threads": torch.get_num_threads(),
