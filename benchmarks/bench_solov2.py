@@ -30,7 +30,9 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   (and how much of it is file-backed: shared libraries' pages), and what the
   step added; TensorFlow's tensor peak), per policy;
   with `--with-cp` also with `SOLOv2(with_cp=True)` (backbone stages
-  recomputed in the backward pass);
+  recomputed in the backward pass), with `--micro-batch-size N` also with
+  `compile(micro_batch_size=N)` (the batch's gradient summed over
+  micro-batches of N images), and with both;
 * Matrix NMS alone: N = 100, 500 box masks at 200×336, gaussian and linear;
 * retracing: `model.predict` on several image sizes in one process, and the
   number of graphs it compiled.
@@ -47,7 +49,7 @@ candidates), `peer_predict_light.py` (mmdet's light R18) and
 benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--inter-op-threads N] [--dtypes float32,mixed_bfloat16]
-       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--no-winograd]
+       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--micro-batch-size N] [--no-winograd]
        [--defer-tensorflow-text] [--train-memory-steps 12]
        [--peer-python P]
        [--rounds N] [--out FILE]
@@ -71,6 +73,8 @@ PEER_CANDIDATES_SCRIPT = ROOT / "benchmarks" / "peer_predict_candidates.py"
 PEER_MEMORY_SCRIPT = ROOT / "benchmarks" / "peer_train_memory.py"
 PEER_LIGHT_SCRIPT = ROOT / "benchmarks" / "peer_predict_light.py"
 LIGHT_SIZE = (448, 768)
+# Train step: as is, with_cp, micro-batched, both (run_section parses the name).
+TRAIN_SECTIONS = ("train", "train_cp", "train_mb", "train_cp_mb")
 
 
 # The peer script's contention gate, so that both sides are timed alike: a
@@ -284,7 +288,8 @@ def synthetic_instances(h, w, n, rng):
     return masks
 
 
-def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_compile=False, memory_steps=0):
+def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_compile=False, memory_steps=0,
+                micro_batch_size=None):
     """One train step's time, and the process's peak RSS after the timed steps
     and (`memory_steps` > 0) after that many steps in all, the rest run back to
     back: TensorFlow's allocator touches more of its pool over the first ~10
@@ -298,7 +303,7 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_com
     labels = rng.integers(0, model.num_classes, (batch, instances)).astype("int32")
     # jit_compile on the model too: the step leaves out its non-finite-loss
     # report (string formatting), which XLA cannot compile.
-    model.compile(jit_compile=jit_compile)
+    model.compile(jit_compile=jit_compile, micro_batch_size=micro_batch_size)
     data = (tf.constant(images), {"gt_masks": tf.constant(masks), "gt_labels": tf.constant(labels)})
     traced = tf.function(model.train_step, jit_compile=jit_compile)
     calls = [0]
@@ -312,6 +317,7 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_com
         "input_hw": [h, w],
         "gt_instances_per_img": [instances] * batch,
         "dtype_policy": model.dtype_policy.name,
+        "micro_batch_size": micro_batch_size,
         "train_step_ms": timeit_graph(step, warmup, runs, jit_compile),
         "peak_rss_mb": peak_rss_mb(),
         "tensor_peak_mb": tensor_peak_mb(),
@@ -407,15 +413,16 @@ def run_section(a, section, dtype):
     if section == "infer_light":
         model = build("solov2_light_r18")
         return bench_predict(model, *LIGHT_SIZE, a.warmup, a.runs, [], a.jit_compile)
-    if section in ("train", "train_cp"):
+    if section in TRAIN_SECTIONS:
         # What the process holds before the step (TensorFlow, keras-hub, the
         # model), to split the peak as `peer_train_memory.py` does for mmdet.
         after_imports = resident_mb()
-        model = build("solov2_r50", with_cp=section == "train_cp")
+        model = build("solov2_r50", with_cp="_cp" in section)
         before = {"after_imports": after_imports, "model_built": resident_mb(),
                   "model_built_file_backed": resident_mb("RssFile")}
         result = bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile,
-                             memory_steps=a.train_memory_steps)
+                             memory_steps=a.train_memory_steps,
+                             micro_batch_size=a.micro_batch_size if "_mb" in section else None)
         return {**result, "rss_before_step_mb": before}
     if section == "retrace":
         return bench_retrace(build("solov2_r50"))
@@ -444,6 +451,10 @@ def run_ours(a):
             sections.append(("train", dtype))
             if a.with_cp:
                 sections.append(("train_cp", dtype))
+            if a.micro_batch_size:
+                sections.append(("train_mb", dtype))
+                if a.with_cp:
+                    sections.append(("train_cp_mb", dtype))
         if "retrace" not in skip:
             sections.append(("retrace", dtype))
     import tensorflow as tf
@@ -467,6 +478,8 @@ def run_ours(a):
             cmd.append("--defer-tensorflow-text")
         if a.no_winograd:
             cmd.append("--no-winograd")
+        if a.micro_batch_size:
+            cmd += ["--micro-batch-size", str(a.micro_batch_size)]
         print(f"ours: {section} {dtype}", flush=True)
         rss = _subprocess(cmd)
         payload = json.loads(Path(out).read_text())
@@ -622,8 +635,10 @@ def table_rows(ours, peer):
         elif section == "infer_light":
             s = "x".join(map(str, r["input_hw"]))
             add_predict(f"predict light R18 {s}{tag}", r, get(peer, "inference_light", s))
-        elif section in ("train", "train_cp"):
-            cp = " with_cp" if section == "train_cp" else ""
+        elif section in TRAIN_SECTIONS:
+            cp = " with_cp" if "_cp" in section else ""
+            if r.get("micro_batch_size"):
+                cp += f" micro_batch_size={r['micro_batch_size']}"
             add(f"train step R50 b2 512²{tag}{cp}", r["train_step_ms"], get(peer, "train", "train_step_ms"))
             # After the timed steps (in results from before 2026-11-25, the
             # process's peak); mmdet's is its script's process, which keeps
@@ -715,6 +730,8 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of: infer,train,nms,retrace")
     ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict/train step")
     ap.add_argument("--with-cp", action="store_true", help="also the train step with SOLOv2(with_cp=True)")
+    ap.add_argument("--micro-batch-size", type=int, default=None,
+                    help="also the train step with compile(micro_batch_size=N) (and with_cp with --with-cp)")
     ap.add_argument("--no-winograd", action="store_true",
                     help="SOLOv2(winograd=False): direct 3x3 convs after the backbone (FPN, mask branch, head; float32)")
     ap.add_argument("--defer-tensorflow-text", action="store_true",

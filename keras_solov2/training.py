@@ -37,7 +37,7 @@ def _scale(text):
 def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, scale=(1333, 800),
           max_instances=100, schedule="1x", eval_every=1, base_lr=0.01, warmup_steps=500,
           steps_per_epoch=None, seed=0, optimizer=None, callbacks=None, crop_size=None,
-          crop_type="absolute", photometric_distortion=None):
+          crop_type="absolute", photometric_distortion=None, micro_batch_size=None):
     """`model.fit` with mmdet's optimiser/schedule and the standard callbacks.
 
     A run killed at any point resumes (same command, same `output_dir`)
@@ -47,7 +47,8 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     `save_freq` restores mid-epoch weights but restarts that epoch's data,
     which would repeat batches; epoch-sized backups resume exactly.)
     `scale`, `crop_size`, `crop_type` and `photometric_distortion` are
-    `make_dataset`'s.
+    `make_dataset`'s; `micro_batch_size` is `SOLOv2.compile`'s (the same
+    update from a batch's micro-batches, in less memory).
     """
     import keras
 
@@ -68,7 +69,7 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
         fractions = [m / (default_epochs * steps) for m in lr.milestones]
         lr = WarmupMultiStepDecay(lr.base_lr, [int(f * epochs * steps) for f in fractions],
                                   warmup_steps=min(warmup_steps, steps * epochs // 4))
-    model.compile(optimizer or keras.optimizers.SGD(lr, momentum=0.9))
+    model.compile(optimizer or keras.optimizers.SGD(lr, momentum=0.9), micro_batch_size=micro_batch_size)
     callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup")), tracker.as_callback(),
                  keras.callbacks.TerminateOnNaN()] + list(callbacks or [])
     if val_ids:
@@ -104,7 +105,8 @@ def _cmd_train(args):
     train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
           _scale(args.scale), args.max_instances, args.schedule,
           steps_per_epoch=args.steps_per_epoch, seed=args.seed, eval_every=args.eval_every,
-          crop_size=_pair(args.crop_size), crop_type=args.crop_type, photometric_distortion=args.photometric)
+          crop_size=_pair(args.crop_size), crop_type=args.crop_type, photometric_distortion=args.photometric,
+          micro_batch_size=args.micro_batch_size)
     (Path(args.output) / "split.json").write_text(json.dumps({"train": train_ids, "val": val_ids}))
 
 
@@ -140,6 +142,9 @@ def add_subcommands(sub):
     p.add_argument("--output", default="solov2_run")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="images per forward/backward pass within a step: the same update as the whole "
+                        "batch in less memory (needs norm_eval, as the presets have)")
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)

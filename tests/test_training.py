@@ -103,6 +103,43 @@ def test_with_cp_recomputes_backbone_stages_and_trains_the_same():
     assert SOLOv2.from_config(checkpointed.get_config()).with_cp
 
 
+@pytest.mark.parametrize("micro_batch_size", [1, 3])
+def test_micro_batches_give_the_batch_update(micro_batch_size):
+    """compile(micro_batch_size=...): the step's micro-batches (3 of 1 image
+    in a static batch of 3, or 3 + 1 images in a batch of 4 whose size is not
+    static) give the one-pass step's loss and update, with weight decay and a
+    clip norm small enough to bind on the summed gradient."""
+    images, y = synthetic_batch(n=4 if micro_batch_size == 3 else 3)
+    plain, micro = tiny_model(), tiny_model()
+    micro.set_weights(plain.get_weights())
+    for model, size in ((plain, None), (micro, micro_batch_size)):
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), weight_decay=1e-4,
+                      grad_clip_norm=0.5, micro_batch_size=size)
+    before = [np.asarray(v) for v in plain.trainable_variables]
+    ds = tf.data.Dataset.from_tensor_slices((images, y)).batch(len(images), drop_remainder=micro_batch_size == 1)
+    logs = [model.fit(ds, epochs=1, verbose=0).history for model in (plain, micro)]
+    for key in ("loss", "loss_cls", "loss_mask"):
+        assert logs[0][key][0] > 0
+        np.testing.assert_allclose(logs[1][key], logs[0][key], rtol=1e-5, err_msg=key)
+    graph = _train_step_graph(micro, images, y)
+    assert any(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
+    moved = 0
+    for a, b, v0 in zip(plain.trainable_variables, micro.trainable_variables, before):
+        delta = np.asarray(a) - v0
+        moved += np.abs(delta).max() > 1e-7
+        # atol: the weights' own rounding (a few ulps of |w| ≈ 0.1) over the update's.
+        np.testing.assert_allclose(np.asarray(b) - v0, delta, rtol=1e-3, atol=1e-3 * np.abs(delta).max() + 3e-8,
+                                   err_msg=a.path)
+    assert moved > len(before) // 2
+
+
+def test_micro_batch_size_needs_norm_eval_and_a_positive_int():
+    with pytest.raises(ValueError, match="micro_batch_size needs norm_eval=True"):
+        tiny_model(frozen_stages=-1, norm_eval=False).compile(micro_batch_size=1)
+    with pytest.raises(ValueError, match="micro_batch_size must be a positive int or None, got 0"):
+        tiny_model().compile(micro_batch_size=0)
+
+
 def test_with_cp_needs_norm_eval():
     with pytest.raises(ValueError, match="with_cp=True needs norm_eval=True"):
         tiny_model(with_cp=True, frozen_stages=-1, norm_eval=False)
