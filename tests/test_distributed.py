@@ -1,4 +1,5 @@
-"""MirroredStrategy on 2 logical CPU devices equals one device on the same global batch."""
+"""MirroredStrategy on 2 logical CPU devices equals one device on the same global batch,
+with and without micro-batches within each replica's step."""
 
 import json
 import subprocess
@@ -20,15 +21,16 @@ SCRIPT = textwrap.dedent(
 
     images, y = synthetic_batch(n=4, h=96, w=128)
     result = {}
-    for mode in ("single", "mirrored"):
+    for mode in ("single", "mirrored", "mirrored_micro"):
         keras.utils.set_random_seed(0)
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if mode == "mirrored" \\
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if mode != "single" \\
             else tf.distribute.get_strategy()
         with strategy.scope():
             model = tiny_model(frozen_stages=-1, norm_eval=True)
             # mmdet's weight decay, and a clip norm small enough to bind: both
             # must act on the global batch's gradient, not on each replica's.
-            model.compile(optimizer=keras.optimizers.SGD(0.01), weight_decay=1e-4, grad_clip_norm=0.5)
+            model.compile(optimizer=keras.optimizers.SGD(0.01), weight_decay=1e-4, grad_clip_norm=0.5,
+                          micro_batch_size=1 if mode == "mirrored_micro" else None)
         before = [np.asarray(v).ravel()[:50] for v in model.trainable_variables[-6:]]
         ds = tf.data.Dataset.from_tensor_slices((images, y)).batch(4)
         hist = model.fit(ds, epochs=1, verbose=0)
@@ -47,12 +49,14 @@ def test_mirrored_two_cpus_equals_single_device():
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert line, proc.stderr[-3000:]
     r = json.loads(line[0][len("RESULT"):])
-    assert r["mirrored"]["replicas"] == 2 and r["single"]["replicas"] == 1
-    assert abs(r["mirrored"]["loss"] - r["single"]["loss"]) < 1e-4 * abs(r["single"]["loss"])
     import numpy as np
 
-    # The update itself (not just the weights) agrees: gradients are summed
-    # over replicas of a loss normalised over the global batch.
-    for a, b in zip(r["mirrored"]["deltas"], r["single"]["deltas"]):
-        assert np.abs(b).max() > 1e-6
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+    assert r["single"]["replicas"] == 1
+    for mode in ("mirrored", "mirrored_micro"):
+        assert r[mode]["replicas"] == 2
+        assert abs(r[mode]["loss"] - r["single"]["loss"]) < 1e-4 * abs(r["single"]["loss"]), mode
+        # The update itself (not just the weights) agrees: gradients are summed
+        # over replicas (and micro-batches) of a loss normalised over the global batch.
+        for a, b in zip(r[mode]["deltas"], r["single"]["deltas"]):
+            assert np.abs(b).max() > 1e-6
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max(), err_msg=mode)

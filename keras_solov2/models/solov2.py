@@ -671,10 +671,12 @@ class SOLOv2(keras.Model):
                 batch, so the update is the one-pass update (up to float
                 rounding; when an image has more than `max_pos_pairs`
                 positive pairs, the dice sum is estimated per micro-batch),
-                while only one micro-batch's activations exist at a time:
-                memory for a larger batch, at some speed (see the README's
-                "Train-step memory"). Needs `norm_eval=True`: BatchNorm
-                with batch statistics would see the micro-batches.
+                while only one micro-batch's activations exist at a time.
+                R50, batch 2, 512², 1: peak RSS 2.78 against 3.31 GB in
+                float32 for 13 % more step time, 2.42 against 2.50 GB in
+                bfloat16 for 1 % more (README, "Training with less
+                memory"). Needs `norm_eval=True`: BatchNorm with batch
+                statistics would see the micro-batches.
 
         A built model's optimizer is built here, for its trainable variables
         at this point: set `trainable` (e.g. freeze the backbone) before
@@ -795,7 +797,9 @@ class SOLOv2(keras.Model):
         whatever the batch size, and one micro-batch's activations alive.
         """
         gt_masks, gt_labels = y["gt_masks"], self._check_labels(y["gt_labels"])
-        num_pos = ops.cast(self._targets(*self._slots_in_use(gt_masks, gt_labels))["num_pos"], "float32")
+        # As compute_solov2_loss: the slots in use only, unless XLA's static shapes.
+        used = (gt_masks, gt_labels) if self.jit_compile else self._slots_in_use(gt_masks, gt_labels)
+        num_pos = ops.cast(self._targets(*used)["num_pos"], "float32")
         ctx = tf.distribute.get_replica_context()
         if ctx is not None and ctx.num_replicas_in_sync > 1:
             num_pos = ctx.all_reduce(tf.distribute.ReduceOp.SUM, num_pos)
