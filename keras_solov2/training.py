@@ -8,6 +8,7 @@ the LR schedule being a function of the restored step), `TerminateOnNaN`,
 tensorboard package is installed.
 """
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -87,6 +88,16 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     return history
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _pair(text):
     if text is None:
         return None
@@ -141,8 +152,8 @@ def add_subcommands(sub):
                    help="architecture name, preset, .pth or .keras to start from")
     p.add_argument("--output", default="solov2_run")
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--micro-batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--micro-batch-size", type=_positive_int, default=None,
                    help="images per forward/backward pass within a step: the same update as the whole "
                         "batch in less memory (needs norm_eval, as the presets have)")
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])

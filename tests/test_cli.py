@@ -1,8 +1,9 @@
-"""`keras-solov2 predict` on image files: overlays and a COCO results JSON."""
+"""`keras-solov2 predict` on image files: overlays and a COCO results JSON; `train`'s argument checks."""
 
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import keras_solov2  # noqa: F401
@@ -33,3 +34,10 @@ def test_predict_writes_overlays_and_results_with_category_ids(tmp_path):
     for r in results:
         assert r["category_id"] == [7, 9, 40][r["label"]] and r["category_name"] == "abc"[r["label"]]
         assert tuple(r["segmentation"]["size"]) in {(70, 90), (64, 128)}
+
+
+def test_train_rejects_a_non_positive_micro_batch_size(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--annotations", "a.json", "--images", "img", "--micro-batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--micro-batch-size: expected a positive integer, got '0'" in capsys.readouterr().err

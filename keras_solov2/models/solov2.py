@@ -832,9 +832,8 @@ class SOLOv2(keras.Model):
             return i + 1, grads, {k: totals[k] + v for k, v in loss_dict.items()}
 
         # Scalar zeros, broadcast by the first sum: full-size zeros stay
-        # allocated through the loop (R50 b2 512²: tensor peak 1465 against
-        # 1435 MB).
-        # XLA needs the loop's shapes fixed.
+        # allocated through the loop (R50 b2 512², one run each: tensor peak
+        # 1465 against 1435 MB). XLA needs the loop's shapes fixed.
         zeros = [tf.zeros(v.shape if self.jit_compile else [], v.dtype) for v in variables]
         totals = {k: tf.constant(0.0) for k in ("loss", "loss_cls", "loss_mask", "num_pos")}
         _, grads, totals = tf.while_loop(
