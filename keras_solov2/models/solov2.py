@@ -739,10 +739,7 @@ class SOLOv2(keras.Model):
         if size is not None and not (images.shape[0] is not None and images.shape[0] <= size):
             loss_dict, grads = self._micro_batch_gradients(images, y, variables, size)
         else:
-            with tf.GradientTape() as tape:
-                loss_dict = self._replica_loss(images, y, training=True)
-                scaled = self.optimizer.scale_loss(loss_dict["loss"])
-            grads = tape.gradient(scaled, variables)
+            loss_dict, grads = self._gradients(images, y, variables)
         self._report_non_finite(loss_dict, data)
         if not self.optimizer.built:
             # (`compile` builds it when the model is built.) Before the block
@@ -787,6 +784,13 @@ class SOLOv2(keras.Model):
             self.optimizer.apply(grads, variables)
         return self._track(loss_dict)
 
+    def _gradients(self, images, y, variables, batch_num_pos=None):
+        """This replica's loss dict and the (loss-scaled) gradients of its loss."""
+        with tf.GradientTape() as tape:
+            loss_dict = self._replica_loss(images, y, training=True, batch_num_pos=batch_num_pos)
+            scaled = self.optimizer.scale_loss(loss_dict["loss"])
+        return loss_dict, tape.gradient(scaled, variables)
+
     def _micro_batch_gradients(self, images, y, variables, size):
         """The batch's loss dict and (loss-scaled) gradients, `size` images at a time.
 
@@ -797,7 +801,10 @@ class SOLOv2(keras.Model):
         whatever the batch size, and one micro-batch's activations alive.
         """
         gt_masks, gt_labels = y["gt_masks"], self._check_labels(y["gt_labels"])
-        # As compute_solov2_loss: the slots in use only, unless XLA's static shapes.
+        # The whole batch's targets for its count (the micro-batches assign
+        # theirs again: the step costs 1 % more in bfloat16, where the passes
+        # barely slow down). As compute_solov2_loss: the slots in use only,
+        # unless XLA's static shapes.
         used = (gt_masks, gt_labels) if self.jit_compile else self._slots_in_use(gt_masks, gt_labels)
         num_pos = ops.cast(self._targets(*used)["num_pos"], "float32")
         ctx = tf.distribute.get_replica_context()
@@ -821,13 +828,9 @@ class SOLOv2(keras.Model):
                     return tf.slice(t, [start] + [0] * (t.shape.rank - 1), [size] + [-1] * (t.shape.rank - 1))
                 return t[start:start + size]
 
-            with tf.GradientTape() as tape:
-                loss_dict = self._replica_loss(
-                    part(images), {"gt_masks": part(gt_masks), "gt_labels": part(gt_labels)},
-                    training=True, batch_num_pos=num_pos,
-                )
-                scaled = self.optimizer.scale_loss(loss_dict["loss"])
-            new = tape.gradient(scaled, variables)
+            loss_dict, new = self._gradients(
+                part(images), {"gt_masks": part(gt_masks), "gt_labels": part(gt_labels)}, variables, num_pos
+            )
             grads = [a if g is None else a + tf.cast(g, a.dtype) for a, g in zip(grads, new)]
             return i + 1, grads, {k: totals[k] + v for k, v in loss_dict.items()}
 
