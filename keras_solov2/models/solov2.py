@@ -736,7 +736,7 @@ class SOLOv2(keras.Model):
                 "changing `trainable`."
             )
         size = getattr(self, "micro_batch_size", None)
-        if size is not None and not (images.shape[0] is not None and images.shape[0] <= size):
+        if size is not None and (images.shape[0] is None or images.shape[0] > size):
             loss_dict, grads = self._micro_batch_gradients(images, y, variables, size)
         else:
             loss_dict, grads = self._gradients(images, y, variables)
@@ -800,22 +800,19 @@ class SOLOv2(keras.Model):
         iteration at a time: one copy of the forward and backward graph
         whatever the batch size, and one micro-batch's activations alive.
         """
-        gt_masks, gt_labels = y["gt_masks"], self._check_labels(y["gt_labels"])
-        # The whole batch's targets for its count (the micro-batches assign
-        # theirs again: the step costs 1 % more in bfloat16, where the passes
-        # barely slow down). As compute_solov2_loss: the slots in use only,
-        # unless XLA's static shapes.
-        used = (gt_masks, gt_labels) if self.jit_compile else self._slots_in_use(gt_masks, gt_labels)
-        num_pos = ops.cast(self._targets(*used)["num_pos"], "float32")
-        ctx = tf.distribute.get_replica_context()
-        if ctx is not None and ctx.num_replicas_in_sync > 1:
-            num_pos = ctx.all_reduce(tf.distribute.ReduceOp.SUM, num_pos)
         batch = images.shape[0]
         if self.jit_compile and (batch is None or batch % size):
             raise ValueError(
                 f"Under jit_compile=True the batch size ({batch}) must be static and a multiple of "
                 f"micro_batch_size ({size}): batch the dataset with drop_remainder=True."
             )
+        gt_masks, gt_labels = y["gt_masks"], self._check_labels(y["gt_labels"])
+        # The whole batch's targets for its count (the micro-batches assign
+        # theirs again: the step costs 1 % more in bfloat16, where the passes
+        # barely slow down). As compute_solov2_loss: the slots in use only,
+        # unless XLA's static shapes.
+        used = (gt_masks, gt_labels) if self.jit_compile else self._slots_in_use(gt_masks, gt_labels)
+        num_pos = self._sum_over_replicas(ops.cast(self._targets(*used)["num_pos"], "float32"))
         if batch is None:
             batch = tf.shape(images)[0]
         steps = (batch + size - 1) // size
@@ -913,14 +910,20 @@ class SOLOv2(keras.Model):
         non-finite pixel gets NaN losses (`_nan_if_non_finite`).
         """
         outputs = self(images, training=training, dense_kernels=False)
-        ctx = tf.distribute.get_replica_context()
-        reduce_num_pos = None
         if batch_num_pos is not None:
             reduce_num_pos = lambda n: batch_num_pos  # noqa: E731
-        elif ctx is not None and ctx.num_replicas_in_sync > 1:
-            reduce_num_pos = lambda n: ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)  # noqa: E731
+        else:
+            reduce_num_pos = self._sum_over_replicas
         loss_dict = self.compute_solov2_loss(outputs, y["gt_masks"], y["gt_labels"], reduce_num_pos)
         return self._nan_if_non_finite(loss_dict, images)
+
+    @staticmethod
+    def _sum_over_replicas(value):
+        """`value` summed over the replicas of a `tf.distribute` step (as is on one)."""
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+        return value
 
     def _track(self, loss_dict):
         # The trackers average over replicas; each replica holds a share of
