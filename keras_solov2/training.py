@@ -21,7 +21,7 @@ def _data_args(p):
                    help="keep-ratio resize LONG,SHORT (mmdet style); several separated by ';' for "
                         "multi-scale training, e.g. '1333,800;1333,768;1333,736;1333,704;1333,672;1333,640' "
                         "(mmdet's 3x); evaluation uses the first")
-    p.add_argument("--max-instances", type=int, default=100)
+    p.add_argument("--max-instances", type=_positive_int, default=100)
 
 
 def _scale(text):
@@ -143,7 +143,7 @@ def _cmd_demo(args):
 def add_subcommands(sub):
     p = sub.add_parser("demo", help="offline demo: train a light SOLOv2 on synthetic shapes, print mask AP")
     p.add_argument("--output", default="solov2_demo")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=_positive_int, default=10)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train", help="train on a COCO JSON + image folder (resumes from OUTPUT/backup)")
@@ -151,7 +151,7 @@ def add_subcommands(sub):
     p.add_argument("--model", default="solov2_light_r18",
                    help="architecture name, preset, .pth or .keras to start from")
     p.add_argument("--output", default="solov2_run")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=_positive_int, default=12)
     p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--micro-batch-size", type=_positive_int, default=None,
                    help="images per forward/backward pass within a step: the same update as the whole "
@@ -164,13 +164,13 @@ def add_subcommands(sub):
     p.add_argument("--crop-type", default="absolute",
                    choices=["absolute", "absolute_range", "relative", "relative_range"])
     p.add_argument("--photometric", action="store_true", help="mmdet's PhotoMetricDistortion")
-    p.add_argument("--eval-every", type=int, default=1, help="COCO mask mAP every N epochs")
-    p.add_argument("--steps-per-epoch", type=int, default=None,
+    p.add_argument("--eval-every", type=_positive_int, default=1, help="COCO mask mAP every N epochs")
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="batches per epoch (= backup interval); default one pass over the images")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="COCO mask mAP of a model on a COCO JSON + image folder")
     _data_args(p)
     p.add_argument("--model", required=True)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
     p.set_defaults(func=_cmd_evaluate)

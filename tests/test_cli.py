@@ -1,4 +1,4 @@
-"""`keras-solov2 predict` on image files: overlays and a COCO results JSON; `train`'s argument checks."""
+"""`keras-solov2 predict` on image files: overlays and a COCO results JSON; the count options' checks."""
 
 import json
 
@@ -36,8 +36,17 @@ def test_predict_writes_overlays_and_results_with_category_ids(tmp_path):
         assert tuple(r["segmentation"]["size"]) in {(70, 90), (64, 128)}
 
 
-def test_train_rejects_a_non_positive_micro_batch_size(capsys):
+@pytest.mark.parametrize("command, option", [
+    ("train", "--micro-batch-size"), ("train", "--batch-size"), ("train", "--epochs"),
+    ("train", "--eval-every"), ("train", "--steps-per-epoch"), ("train", "--max-instances"),
+    ("evaluate", "--batch-size"),
+])
+def test_count_options_reject_values_below_one(capsys, command, option):
+    # Before: --eval-every 0 divided by zero after the first epoch's training.
+    args = [command, "--annotations", "a.json", "--images", "img", option, "0"]
+    if command == "evaluate":
+        args += ["--model", "m.keras"]
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--annotations", "a.json", "--images", "img", "--micro-batch-size", "0"])
+        main(args)
     assert exit_info.value.code == 2
-    assert "--micro-batch-size: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert f"{option}: expected a positive integer, got '0'" in capsys.readouterr().err

@@ -151,3 +151,14 @@ def test_faster_coco_eval_backend_gives_pycocotools_numbers(tmp_path):
     stats = _pycocotools_ap(gt_path, dets, [1, 2, 3])
     assert 0 < ours["AP"] < 1
     np.testing.assert_allclose([ours[k] for k in ("AP", "AP50", "AP75")], stats[:3], rtol=0, atol=1e-9)
+
+
+def test_callback_rejects_an_interval_below_one():
+    # 0 would divide by zero at the end of the first epoch, after its training.
+    for bad in (0, -1, 1.5, True):
+        try:
+            COCOMaskMAP([], "instances.json", CATEGORY_IDS, every_n_epochs=bad)
+        except ValueError as error:
+            assert "every_n_epochs must be a positive int" in str(error)
+        else:
+            raise AssertionError(f"every_n_epochs={bad!r} was accepted")
