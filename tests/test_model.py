@@ -187,6 +187,47 @@ def test_bad_configuration_errors():
         tiny_model(num_grids=[40, 36, 24])
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("num_classes", 0, "num_classes must be a positive int, got 0"),
+    ("max_per_img", 0, "max_per_img must be a positive int, got 0"),
+    ("max_per_img", -1, "max_per_img must be a positive int, got -1"),  # crashed inside TF
+    ("max_candidates", 0, "max_candidates must be a positive int"),
+    ("max_pos_pairs", 2.5, "max_pos_pairs must be a positive int"),
+    ("score_thr", 1.5, r"score_thr must be a number in \[0.0, 1.0\]"),  # silently nothing detected
+    ("mask_thr", -0.1, r"mask_thr must be a number in \[0.0, 1.0\]"),
+    ("pos_scale", 2, r"pos_scale must be a number in \[0.0, 1.0\]"),
+    ("filter_thr", 1.2, "filter_thr must be at most 1"),
+    ("sigma", -2.0, "sigma must be >= 0"),
+])
+def test_bad_hyper_parameters_are_named_before_anything_is_built(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SOLOv2(backbone="resnet50", **{field: value})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("weight_decay", -1e-4, "weight_decay must be >= 0"),
+    ("grad_clip_norm", 0, r"grad_clip_norm must be > 0 or None"),  # every gradient scaled to 0
+    ("global_batch_size", 0, "global_batch_size must be a positive int or None, got 0"),  # LR 0
+    ("steps_per_epoch", 0, "steps_per_epoch must be a positive int or None, got 0"),
+])
+def test_bad_compile_arguments_are_named(field, value, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model.compile(**{field: value})
+
+
+def test_predict_rejects_images_that_are_not_rgb_batches_or_not_finite():
+    model = tiny_model(max_per_img=5)
+    with pytest.raises(ValueError, match=r"shape \(B, H, W, 3\), got shape \(32, 64, 3\) \(a single image"):
+        model.predict(np.zeros((64, 64, 3), "float32"), verbose=0)
+    with pytest.raises(ValueError, match=r"got shape \(1, 64, 64, 1\)"):  # was broadcast to 3 channels
+        model.predict(np.zeros((1, 64, 64, 1), "float32"), verbose=0)
+    broken = np.zeros((1, 64, 64, 3), "float32")
+    broken[0, 10, 20, 1] = np.nan  # the fused backbone kernels would read it as 0
+    with pytest.raises(Exception, match="images contain NaN or inf pixels"):
+        model.predict(broken, verbose=0)
+
+
 def test_saves_are_atomic(tmp_path, monkeypatch):
     model = tiny_model()
     path = tmp_path / "ckpt.keras"

@@ -140,6 +140,19 @@ class SOLOv2(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        num_classes = _positive_int("num_classes", num_classes)
+        for name, value in (("max_per_img", max_per_img), ("max_candidates", max_candidates),
+                            ("max_pos_pairs", max_pos_pairs)):
+            # Static sizes of padded outputs and caps (MatrixNMS's `<= 0`:
+            # "keep all" has no static size here).
+            _positive_int(name, value)
+        _in_range("score_thr", score_thr, 0.0, 1.0, "a category score, after the sigmoid")
+        _in_range("mask_thr", mask_thr, 0.0, 1.0, "a mask probability, after the sigmoid")
+        _in_range("pos_scale", pos_scale, 0.0, 1.0, "the fraction of a mask's size that is its centre region")
+        if float(filter_thr) > 1.0:
+            raise ValueError(f"filter_thr must be at most 1 (a decayed score; <= 0 keeps all), got {filter_thr!r}.")
+        if float(sigma) < 0:
+            raise ValueError(f"sigma must be >= 0 (the gaussian decay's exp(-sigma * iou**2)), got {sigma!r}.")
         if isinstance(backbone, str):
             backbone = build_resnet_backbone(backbone, dtype=self.dtype_policy)
         if len(num_grids) != 5 or len(scale_ranges) != 5 or len(strides) != 5:
@@ -320,6 +333,7 @@ class SOLOv2(keras.Model):
             `[L × (B, S, S, E)]` (or `kernel_feats`) and `mask_features`
             `(B, H/4, W/4, E)`.
         """
+        _check_image_shape(images)
         x = self._normalise(images)
         if training and not self.norm_eval:
             feats = self.feature_extractor(x, training=True)
@@ -684,6 +698,20 @@ class SOLOv2(keras.Model):
         """
         from keras_solov2.schedules import SCHEDULES, WarmupMultiStepDecay, solov2_schedule
 
+        global_batch_size = _positive_int("global_batch_size", global_batch_size, allow_none=True)
+        steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
+        if weight_decay is not None and float(weight_decay) < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+        if grad_clip_norm is not None and not float(grad_clip_norm) > 0:
+            # 0 would scale every gradient to zero: nothing would train.
+            raise ValueError(f"grad_clip_norm must be > 0 or None (no clipping), got {grad_clip_norm!r}.")
+        micro_batch_size = _positive_int("micro_batch_size", micro_batch_size, allow_none=True)
+        if micro_batch_size is not None:
+            if not self.norm_eval:
+                raise ValueError(
+                    "micro_batch_size needs norm_eval=True: with norm_eval=False BatchNorm normalises "
+                    "by each micro-batch's statistics, so the step would not be the batch's."
+                )
         if optimizer is None:
             if steps_per_epoch is not None:
                 lr, _ = solov2_schedule(global_batch_size or 16, steps_per_epoch, schedule)
@@ -692,16 +720,6 @@ class SOLOv2(keras.Model):
                     raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}.")
                 lr = WarmupMultiStepDecay(0.01 * (global_batch_size or 16) / 16.0, milestones=[])
             optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
-        if micro_batch_size is not None:
-            if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, (int, np.integer)) \
-                    or micro_batch_size < 1:
-                raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
-            if not self.norm_eval:
-                raise ValueError(
-                    "micro_batch_size needs norm_eval=True: with norm_eval=False BatchNorm normalises "
-                    "by each micro-batch's statistics, so the step would not be the batch's."
-                )
-            micro_batch_size = int(micro_batch_size)
         self.weight_decay = float(weight_decay or 0.0)
         self.grad_clip_norm = None if grad_clip_norm is None else float(grad_clip_norm)
         self.micro_batch_size = micro_batch_size
@@ -947,7 +965,11 @@ class SOLOv2(keras.Model):
             P = `max_per_img`, sorted by score.
         """
         images, _ = self._unpack(data) if isinstance(data, (tuple, list)) else self._unpack((data,))
+        _check_image_shape(images)
         images = ops.cast(images, "float32")
+        # The folded backbone's fused kernels turn NaN into 0: without this
+        # check a broken image would give plausible-looking detections.
+        images = tf.debugging.assert_all_finite(images, "predict: images contain NaN or inf pixels")
         # Dynamic H, W: `predict` relaxes shapes after the second size, and
         # the graph then serves every size without retracing.
         shape = ops.shape(images)
@@ -1032,3 +1054,30 @@ def _atomic_write(save_fn, filepath, overwrite, **kwargs):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _positive_int(name, value, allow_none=False):
+    """`value` as an int ≥ 1 (or None when allowed), else a ValueError naming `name`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        allowed = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return int(value)
+
+
+def _in_range(name, value, low, high, meaning):
+    """`value` as a float in [low, high], else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low}, {high}] ({meaning}), got {value!r}.")
+    return float(value)
+
+
+def _check_image_shape(images):
+    """A ValueError for images that are not `(B, H, W, 3)` (static shape)."""
+    shape = tuple(images.shape)
+    if len(shape) != 4 or shape[-1] not in (3, None):
+        raise ValueError(
+            f"images must be a batch of RGB images, shape (B, H, W, 3), got shape {shape}"
+            + (" (a single image: add a batch axis, e.g. images[None])." if len(shape) == 3 else ".")
+        )
