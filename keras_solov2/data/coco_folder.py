@@ -343,6 +343,13 @@ class EpochTracker:
         return _Callback()
 
 
+def check_counts(**counts):
+    """A ValueError naming the first count that is not a positive int (None is allowed)."""
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
 def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_size=2,
                  max_instances=100, training=True, flip_prob=0.5, shuffle_seed=0,
                  steps_per_epoch=None, epoch_tracker=None, crop_size=None, crop_type="absolute",
@@ -393,8 +400,17 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     """
     import tensorflow as tf
 
+    check_counts(batch_size=batch_size, max_instances=max_instances, steps_per_epoch=steps_per_epoch)
     coco = load_coco(info.annotation_file)
     ids = list(info.image_ids if image_ids is None else image_ids)
+    if not ids:
+        raise ValueError(f"{info.annotation_file}: no images to make a dataset of (image_ids is empty).")
+    if training and steps_per_epoch is None and len(ids) < batch_size:
+        # Training drops the last partial batch: an epoch would have no step.
+        raise ValueError(
+            f"{info.annotation_file}: {len(ids)} training images, fewer than batch_size={batch_size}: "
+            "lower batch_size or pass steps_per_epoch (the stream repeats the images)."
+        )
     validate_images(coco, info, ids)
     check_annotations(coco, ids, info.annotation_file)
     scales = normalise_scales(scale)
@@ -487,6 +503,7 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     """
     import tensorflow as tf
 
+    check_counts(batch_size=batch_size, max_instances=max_instances)
     scales = normalise_scales(scale)
     if crop_size is not None:
         check_crop(crop_size, crop_type)

@@ -266,3 +266,26 @@ def test_image_paths_stay_under_their_root_lexically(tmp_path):
     for name in ("../x.png", "a/../../x.png", "linked/../../x.png", "/etc/passwd"):
         with pytest.raises(ValueError, match="escapes the image root"):
             safe_image_path(root, name, "ann.json")
+
+
+def test_bad_counts_and_too_few_images_are_named(tmp_path):
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    ann = _write(tmp_path, [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}], [])
+    info = describe(ann, tmp_path)
+    for args, message in [
+        (dict(batch_size=0), "batch_size must be a positive int, got 0"),  # was a ZeroDivisionError
+        (dict(max_instances=0), "max_instances must be a positive int, got 0"),
+        (dict(steps_per_epoch=0), "steps_per_epoch must be a positive int, got 0"),
+        (dict(image_ids=[]), r"ann\.json: no images"),
+        # One image, batches of 2 with the remainder dropped: epochs of no step.
+        (dict(batch_size=2), r"ann\.json: 1 training images, fewer than batch_size=2"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make_dataset(info, scale=(30, 20), **args)
+    # Evaluation keeps the partial batch, and steps_per_epoch repeats the images.
+    assert len(list(make_dataset(info, scale=(30, 20), batch_size=2, training=False))) == 1
+    assert len(list(make_dataset(info, scale=(30, 20), batch_size=2, steps_per_epoch=3))) == 3
+    from keras_solov2.data.coco_folder import make_tfds_dataset
+
+    with pytest.raises(ValueError, match="max_instances must be a positive int, got -5"):
+        make_tfds_dataset(None, max_instances=-5)  # checked before the tfds split is read
