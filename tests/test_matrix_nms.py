@@ -192,3 +192,21 @@ def test_label_blocks_cover_every_same_label_pair(monkeypatch, path):
     inter = flat @ flat.T
     iou = inter / (flat.sum(1)[:, None] + flat.sum(1)[None, :] - inter)
     assert np.triu(iou, 65).max() > 0.5
+
+
+def test_bad_settings_and_shapes_are_named():
+    with pytest.raises(ValueError, match="`sigma` must be >= 0"):
+        MatrixNMS(sigma=-2.0)  # would raise the scores it decays
+    with pytest.raises(ValueError, match="`filter_thr` must be at most 1"):
+        MatrixNMS(filter_thr=1.2)  # would drop every mask
+    masks = np.zeros((10, 8, 8), bool)
+    scores, labels = np.linspace(0.9, 0.1, 10).astype("float32"), np.zeros(10, "int32")
+    # These failed inside a TF gather or select, without naming the argument.
+    with pytest.raises(ValueError, match=r"labels must have shape \(10,\) \(one per mask\), got \(9,\)"):
+        MatrixNMS()(masks, labels[:9], scores)
+    with pytest.raises(ValueError, match=r"scores must have shape \(10,\) \(one per mask\), got \(1, 10\)"):
+        MatrixNMS()(masks, labels, scores[None])
+    with pytest.raises(ValueError, match=r"valid must have shape \(1, 10\)"):
+        MatrixNMS()(masks[None], labels[None], scores[None], valid=np.ones(10, bool))
+    with pytest.raises(ValueError, match=r"masks must be \(N, H, W\) or \(B, N, H, W\), got shape \(8, 8\)"):
+        MatrixNMS()(masks[0], labels, scores)

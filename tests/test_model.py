@@ -196,12 +196,19 @@ def test_bad_configuration_errors():
     ("score_thr", 1.5, r"score_thr must be a number in \[0.0, 1.0\]"),  # silently nothing detected
     ("mask_thr", -0.1, r"mask_thr must be a number in \[0.0, 1.0\]"),
     ("pos_scale", 2, r"pos_scale must be a number in \[0.0, 1.0\]"),
-    ("filter_thr", 1.2, "filter_thr must be at most 1"),
-    ("sigma", -2.0, "sigma must be >= 0"),
 ])
 def test_bad_hyper_parameters_are_named_before_anything_is_built(field, value, message):
     with pytest.raises(ValueError, match=message):
         SOLOv2(backbone="resnet50", **{field: value})
+
+
+def test_coord_conv_and_dynamic_conv_name_bad_shapes():
+    with pytest.raises(ValueError, match="coord_conv.*expected ndim=4, found ndim=3"):
+        CoordConv()(np.zeros((2, 3, 4), "float32"))
+    with pytest.raises(ValueError, match=r"mask_features have E=3 channels but the kernels E=4"):
+        DynamicMaskConv()(np.zeros((1, 4, 5, 3), "float32"), np.zeros((1, 2, 4), "float32"))
+    with pytest.raises(ValueError, match=r"mask_features must be \(B, h, w, E\) and kernels \(B, K, E\)"):
+        DynamicMaskConv()(np.zeros((4, 5, 3), "float32"), np.zeros((1, 2, 3), "float32"))
 
 
 @pytest.mark.parametrize("field, value, message", [

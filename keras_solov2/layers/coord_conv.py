@@ -28,6 +28,12 @@ class CoordConv(keras.layers.Layer):
     ((1, 2, 3, 6), [-1.0, 0.0, 1.0])
     """
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Keras names the layer and the rank it got; otherwise a map without
+        # its batch axis fails inside the concatenation.
+        self.input_spec = keras.InputSpec(ndim=4)
+
     def call(self, inputs):
         shape = ops.shape(inputs)
         inputs = ops.cast(inputs, self.compute_dtype)

@@ -31,8 +31,23 @@ class DynamicMaskConv(keras.layers.Layer):
     """
 
     def call(self, mask_features, kernels):
+        _check_shapes(mask_features.shape, kernels.shape, self.name)
         return ops.einsum("bhwe,bke->bkhw", mask_features, kernels)
 
     def compute_output_shape(self, mask_features_shape, kernels_shape):
         b, h, w, _ = mask_features_shape
         return (b, kernels_shape[1], h, w)
+
+
+def _check_shapes(features_shape, kernels_shape, name):
+    """A ValueError naming the layer when the ranks or the E axes disagree."""
+    if len(features_shape) != 4 or len(kernels_shape) != 3:
+        raise ValueError(
+            f"{name}: mask_features must be (B, h, w, E) and kernels (B, K, E), got shapes "
+            f"{tuple(features_shape)} and {tuple(kernels_shape)}."
+        )
+    if None not in (features_shape[-1], kernels_shape[-1]) and features_shape[-1] != kernels_shape[-1]:
+        raise ValueError(
+            f"{name}: mask_features have E={features_shape[-1]} channels but the kernels "
+            f"E={kernels_shape[-1]} (shapes {tuple(features_shape)} and {tuple(kernels_shape)})."
+        )

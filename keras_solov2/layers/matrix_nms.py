@@ -4,6 +4,7 @@ import functools
 import os
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_solov2.gather import take_rows
@@ -230,6 +231,10 @@ class MatrixNMS(keras.layers.Layer):
             raise ValueError(
                 f"`kernel` must be 'gaussian' or 'linear', got {kernel!r}."
             )
+        if float(sigma) < 0:
+            raise ValueError(f"`sigma` must be >= 0 (the gaussian decay exp(-sigma * iou**2)), got {sigma!r}.")
+        if float(filter_thr) > 1.0:
+            raise ValueError(f"`filter_thr` must be at most 1 (a decayed score; <= 0 keeps all), got {filter_thr!r}.")
         self.kernel = kernel
         self.sigma = float(sigma)
         self.filter_thr = float(filter_thr)
@@ -238,6 +243,7 @@ class MatrixNMS(keras.layers.Layer):
 
     def call(self, masks, labels, scores, mask_area=None, valid=None):
         masks = ops.convert_to_tensor(masks)
+        self._check_shapes(masks.shape, labels=labels, scores=scores, mask_area=mask_area, valid=valid)
         batched = len(masks.shape) == 4
         if not batched:
             masks = masks[None]
@@ -249,6 +255,21 @@ class MatrixNMS(keras.layers.Layer):
         if not batched:
             out = {k: v[0] for k, v in out.items()}
         return out
+
+    def _check_shapes(self, masks_shape, **per_mask):
+        """A ValueError naming the argument whose shape is not masks' `(B, N)` / `(N,)`."""
+        if len(masks_shape) not in (3, 4):
+            raise ValueError(f"{self.name}: masks must be (N, H, W) or (B, N, H, W), got shape {tuple(masks_shape)}.")
+        expected = tuple(masks_shape[:-2])
+        for name, value in per_mask.items():
+            if value is None:
+                continue
+            shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)  # static: None = unknown
+            if len(shape) != len(expected) or any(
+                    a is not None and b is not None and a != b for a, b in zip(shape, expected)):
+                raise ValueError(
+                    f"{self.name}: {name} must have shape {expected} (one per mask), got {shape}."
+                )
 
     def _batched(self, masks, labels, scores, mask_area, valid):
         # N may be dynamic (candidates above a threshold): then the outputs

@@ -149,10 +149,6 @@ class SOLOv2(keras.Model):
         _in_range("score_thr", score_thr, 0.0, 1.0, "a category score, after the sigmoid")
         _in_range("mask_thr", mask_thr, 0.0, 1.0, "a mask probability, after the sigmoid")
         _in_range("pos_scale", pos_scale, 0.0, 1.0, "the fraction of a mask's size that is its centre region")
-        if float(filter_thr) > 1.0:
-            raise ValueError(f"filter_thr must be at most 1 (a decayed score; <= 0 keeps all), got {filter_thr!r}.")
-        if float(sigma) < 0:
-            raise ValueError(f"sigma must be >= 0 (the gaussian decay's exp(-sigma * iou**2)), got {sigma!r}.")
         if isinstance(backbone, str):
             backbone = build_resnet_backbone(backbone, dtype=self.dtype_policy)
         if len(num_grids) != 5 or len(scale_ranges) != 5 or len(strides) != 5:
