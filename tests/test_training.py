@@ -71,6 +71,40 @@ def test_non_finite_loss_names_the_batch_images_and_stops(capfd):
     assert model.stop_training
 
 
+def _bad_batches():
+    images, y = synthetic_batch(n=2, h=64, w=64, max_instances=3)
+    masks, labels = y["gt_masks"], y["gt_labels"]
+    return [
+        ("no labels", images, {"gt_masks": masks}, r"y is a dict with keys \['gt_masks'\]"),
+        ("float labels", images, dict(y, gt_labels=labels.astype("float32")), "gt_labels must be integers"),
+        # These trained on without a word: a mask/label slot mismatch.
+        ("slots", images, dict(y, gt_masks=masks[:, :2]), "gt_masks has 2 instance slots but gt_labels 3"),
+        # These failed inside TensorFlow ("None values not supported", a reshape).
+        ("mask size", images, dict(y, gt_masks=masks[..., :32, :32]), "gt_masks are 32x32 but the images 64x64"),
+        ("batch", images, {"gt_masks": masks[:1], "gt_labels": labels[:1]}, "batch sizes 2, 1 and 1"),
+        ("not /32", images[:, :60, :60], dict(y, gt_masks=masks[..., :60, :60]), "multiples of 32, got 60x60"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_batches())))
+def test_a_batch_that_breaks_the_contract_is_named_when_traced(case):
+    name, images, y, message = _bad_batches()[case]
+    model = tiny_model()
+    model.compile()
+    with pytest.raises(ValueError, match=message):
+        _train_step_graph(model, images, y)
+
+
+def test_masks_that_are_not_0_1_stop_the_step():
+    images, y = synthetic_batch(n=2, h=64, w=64, max_instances=3)
+    model = tiny_model()
+    as_batch = lambda y: (tf.constant(images), {k: tf.constant(v) for k, v in y.items()})  # noqa: E731
+    model.test_step(as_batch(y))
+    # A 0/255 PNG read as is: the stride-4 rescale would count every nonzero tap.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gt_masks must hold 0/1"):
+        model.test_step(as_batch(dict(y, gt_masks=y["gt_masks"] * 255)))
+
+
 def _train_step_graph(model, images, y):
     """The traced graph of `model.train_step` on one batch."""
     batch = (tf.constant(images), {k: tf.constant(v) for k, v in y.items()})

@@ -485,6 +485,7 @@ class SOLOv2(keras.Model):
         dynamic = not self.jit_compile
         if dynamic:
             gt_masks, gt_labels = self._slots_in_use(gt_masks, gt_labels)
+        gt_masks = self._check_masks(gt_masks)
         t = self._targets(gt_masks, gt_labels)
         local_pos = ops.cast(t["num_pos"], "float32")
         num_pos = local_pos if reduce_num_pos is None else reduce_num_pos(local_pos)
@@ -556,7 +557,22 @@ class SOLOv2(keras.Model):
         used = ops.maximum(ops.max(ops.where(gt_labels >= 0, rank, 0)), 1)
         return gt_masks[:, :used], gt_labels[:, :used]
 
+    @staticmethod
+    def _check_masks(gt_masks):
+        # 0/255 masks (a PNG's) would train on dilated targets: the stride-4
+        # rescale counts any nonzero tap.
+        if gt_masks.dtype == tf.bool:
+            return gt_masks
+        check = tf.debugging.assert_less_equal(
+            ops.max(gt_masks), ops.cast(1, gt_masks.dtype),
+            message="gt_masks must hold 0/1 (a mask read from a 0/255 PNG: divide it by 255)",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(gt_masks)
+
     def _check_labels(self, gt_labels):
+        if not tf.as_dtype(gt_labels.dtype).is_integer:
+            raise ValueError(f"gt_labels must be integers (-1 = padding), got dtype {gt_labels.dtype}.")
         # A label past num_classes would silently become background.
         gt_labels = ops.cast(gt_labels, "int32")
         check = tf.debugging.assert_less(
@@ -740,6 +756,7 @@ class SOLOv2(keras.Model):
 
     def train_step(self, data):
         images, y = self._unpack(data)
+        _check_batch(images, y)
         variables = self.trainable_variables
         compiled = getattr(self, "_compiled_trainable", None)
         added = [v.path for v in variables if compiled is not None and id(v) not in compiled]
@@ -897,6 +914,7 @@ class SOLOv2(keras.Model):
 
     def test_step(self, data):
         images, y = self._unpack(data)
+        _check_batch(images, y)
         return self._track(self._replica_loss(images, y, training=False))
 
     @staticmethod
@@ -1077,3 +1095,39 @@ def _check_image_shape(images):
             f"images must be a batch of RGB images, shape (B, H, W, 3), got shape {shape}"
             + (" (a single image: add a batch axis, e.g. images[None])." if len(shape) == 3 else ".")
         )
+
+
+def _check_batch(images, y):
+    """A ValueError for a `fit`/`evaluate` batch that breaks the contract (static shapes).
+
+    `make_dataset` and `make_tfds_dataset` build conforming batches; this
+    names what is wrong in a hand-made `tf.data` pipeline before it fails
+    inside TensorFlow (or, for a mask/label count mismatch, trains silently).
+    """
+    contract = ("x = images (B, H, W, 3) or {'images': ...}, y = {'gt_masks': (B, M, H, W) 0/1, "
+                "'gt_labels': (B, M) int, -1 = padding}, H and W multiples of 32")
+    if not isinstance(y, dict) or not {"gt_masks", "gt_labels"} <= set(y):
+        got = "missing" if y is None else (f"a dict with keys {sorted(y)}" if isinstance(y, dict)
+                                           else type(y).__name__)
+        raise ValueError(f"fit/evaluate need (x, y) batches with {contract}; y is {got}.")
+    _check_image_shape(images)
+    b, h, w, _ = tuple(images.shape)
+    masks, labels = tuple(y["gt_masks"].shape), tuple(y["gt_labels"].shape)
+    if len(masks) != 4 or len(labels) != 2:
+        raise ValueError(f"gt_masks must be (B, M, H, W) and gt_labels (B, M), got shapes {masks} and "
+                         f"{labels} ({contract}).")
+
+    def differ(*sizes):
+        known = {s for s in sizes if s is not None}
+        return len(known) > 1
+
+    if differ(b, masks[0], labels[0]):
+        raise ValueError(f"images, gt_masks and gt_labels have batch sizes {b}, {masks[0]} and {labels[0]}.")
+    if differ(masks[1], labels[1]):
+        raise ValueError(f"gt_masks has {masks[1]} instance slots but gt_labels {labels[1]} (shapes {masks}, {labels}).")
+    if differ(masks[2], h) or differ(masks[3], w):
+        raise ValueError(f"gt_masks are {masks[2]}x{masks[3]} but the images {h}x{w}: masks are at the padded "
+                         "image size.")
+    if any(side is not None and side % SIZE_DIVISOR for side in (h, w)):
+        raise ValueError(f"training/evaluation images must be padded to multiples of {SIZE_DIVISOR}, got {h}x{w} "
+                         "(make_dataset pads them; predict pads by itself).")
