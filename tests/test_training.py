@@ -100,6 +100,7 @@ def test_masks_that_are_not_0_1_stop_the_step():
     model = tiny_model()
     as_batch = lambda y: (tf.constant(images), {k: tf.constant(v) for k, v in y.items()})  # noqa: E731
     model.test_step(as_batch(y))
+    model.test_step((images, y))  # NumPy arrays too (their dtype has no `is_floating`)
     # A 0/255 PNG read as is: the stride-4 rescale would count every nonzero tap.
     with pytest.raises(tf.errors.InvalidArgumentError, match="gt_masks must hold 0/1"):
         model.test_step(as_batch(dict(y, gt_masks=y["gt_masks"] * 255)))

@@ -926,7 +926,7 @@ class SOLOv2(keras.Model):
         train silently; a NaN loss is reported with the batch's image ids
         and stops `fit` under `TerminateOnNaN`.
         """
-        if not images.dtype.is_floating:
+        if not tf.as_dtype(images.dtype).is_floating:
             return loss_dict
         finite = tf.reduce_all(tf.math.is_finite(images))
         return {k: tf.where(finite, v, tf.constant(float("nan"), v.dtype)) for k, v in loss_dict.items()}
