@@ -106,8 +106,13 @@ def load_state_dict(path):
 
 
 def _first_line(e):
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
+    text = str(e)
+    # torch's safe unpickler leads with advice to retry with weights_only=False
+    # (arbitrary code execution): report its actual finding instead.
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 class _Placeholder:

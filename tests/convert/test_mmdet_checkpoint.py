@@ -305,6 +305,13 @@ def test_pth_files_load_safely_and_corrupt_ones_fail_clearly(fixtures_dir, tmp_p
         convert(garbage)
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         load_state_dict(tmp_path / "nothere.pth")
+    # Not a pickle at all: the unpickler's finding, not torch's advice to
+    # retry with weights_only=False.
+    text = tmp_path / "text.pth"
+    text.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="text.pth is not a readable PyTorch checkpoint") as error:
+        load_state_dict(text)
+    assert "weights_only" not in str(error.value) and "Unsupported operand" in str(error.value)
 
 
 def test_missing_torch_is_explained(tmp_path, monkeypatch):
