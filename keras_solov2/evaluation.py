@@ -55,6 +55,21 @@ def encode_instances(masks, scores, labels, image_id, label_to_category_id):
     return results
 
 
+def _check_label_map(label_to_category_id, num_classes):
+    """A ValueError, before any prediction, when a label of the model has no category id."""
+    if num_classes is None:
+        return
+    known = label_to_category_id.keys() if isinstance(label_to_category_id, dict) \
+        else range(len(label_to_category_id))
+    missing = [label for label in range(num_classes) if label not in known]
+    if missing:
+        raise ValueError(
+            f"label_to_category_id maps {len(label_to_category_id)} labels but the model has "
+            f"num_classes={num_classes}: labels {missing[:5]} have no COCO category id (a model "
+            "trained on other classes than this annotation file's?)."
+        )
+
+
 def predict_coco_results(model, dataset, label_to_category_id, max_batches=None):
     """Runs `model` over `dataset` and returns `(results, image_ids)`.
 
@@ -66,6 +81,7 @@ def predict_coco_results(model, dataset, label_to_category_id, max_batches=None)
             `keras_solov2.data`).
         label_to_category_id: contiguous label → COCO category id.
     """
+    _check_label_map(label_to_category_id, getattr(model, "num_classes", None))
     # Evaluation batches vary in size (mmdet test padding): one relaxed graph.
     decode = tf.function(lambda images: model.decode(model.inference_outputs(images)), reduce_retracing=True)
     results, image_ids = [], []

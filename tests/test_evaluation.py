@@ -162,3 +162,19 @@ def test_callback_rejects_an_interval_below_one():
             assert "every_n_epochs must be a positive int" in str(error)
         else:
             raise AssertionError(f"every_n_epochs={bad!r} was accepted")
+
+
+def test_a_label_without_a_category_id_is_named_before_predicting():
+    from keras_solov2.evaluation import predict_coco_results
+    from tests.test_model import tiny_model
+
+    model = tiny_model()  # 3 classes
+    dataset = [{"images": np.full((1, 64, 64, 3), np.nan, "float32")}]  # never read: the check comes first
+    # Before: an IndexError (or KeyError) at the first detection of label 2, after predicting.
+    for mapping in ([1, 2], {0: 1, 1: 2}):
+        try:
+            predict_coco_results(model, dataset, mapping)
+        except ValueError as error:
+            assert "num_classes=3: labels [2] have no COCO category id" in str(error)
+        else:
+            raise AssertionError(f"{mapping} was accepted")
