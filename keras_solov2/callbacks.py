@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_solov2.checks import positive_int
 from keras_solov2.evaluation import evaluate_coco
 
 
@@ -38,9 +39,7 @@ class COCOMaskMAP(keras.callbacks.Callback):
         self.dataset = dataset
         self.coco_gt = coco_gt
         self.label_to_category_id = label_to_category_id
-        if isinstance(every_n_epochs, bool) or int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}.")
-        self.every_n_epochs = int(every_n_epochs)
+        self.every_n_epochs = positive_int("every_n_epochs", every_n_epochs)
         self.prefix = prefix
         self.max_batches = max_batches
         self.backend = backend

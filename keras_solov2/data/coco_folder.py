@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_solov2.checks import positive_int
 from keras_solov2.data.transforms import (  # noqa: F401  (re-exported: the pipeline's public pieces)
     PIXEL_MEAN,
     PhotoMetricDistortion,
@@ -343,13 +344,6 @@ class EpochTracker:
         return _Callback()
 
 
-def check_counts(**counts):
-    """A ValueError naming the first count that is not a positive int (None is allowed)."""
-    for name, value in counts.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
-
-
 def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_size=2,
                  max_instances=100, training=True, flip_prob=0.5, shuffle_seed=0,
                  steps_per_epoch=None, epoch_tracker=None, crop_size=None, crop_type="absolute",
@@ -400,7 +394,9 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     """
     import tensorflow as tf
 
-    check_counts(batch_size=batch_size, max_instances=max_instances, steps_per_epoch=steps_per_epoch)
+    positive_int("batch_size", batch_size)
+    positive_int("max_instances", max_instances)
+    positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
     coco = load_coco(info.annotation_file)
     ids = list(info.image_ids if image_ids is None else image_ids)
     if not ids:
@@ -503,7 +499,8 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     """
     import tensorflow as tf
 
-    check_counts(batch_size=batch_size, max_instances=max_instances)
+    positive_int("batch_size", batch_size)
+    positive_int("max_instances", max_instances)
     scales = normalise_scales(scale)
     if crop_size is not None:
         check_crop(crop_size, crop_type)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_solov2 import losses, postprocess, targets
+from keras_solov2.checks import number_in_range, positive_int
 from keras_solov2.gather import take_rows
 from keras_solov2.layers.dynamic_mask_conv import DynamicMaskConv
 from keras_solov2.layers.matrix_nms import MatrixNMS
@@ -140,15 +141,15 @@ class SOLOv2(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        num_classes = _positive_int("num_classes", num_classes)
+        num_classes = positive_int("num_classes", num_classes)
         for name, value in (("max_per_img", max_per_img), ("max_candidates", max_candidates),
                             ("max_pos_pairs", max_pos_pairs)):
             # Static sizes of padded outputs and caps (MatrixNMS's `<= 0`:
             # "keep all" has no static size here).
-            _positive_int(name, value)
-        _in_range("score_thr", score_thr, 0.0, 1.0, "a category score, after the sigmoid")
-        _in_range("mask_thr", mask_thr, 0.0, 1.0, "a mask probability, after the sigmoid")
-        _in_range("pos_scale", pos_scale, 0.0, 1.0, "the fraction of a mask's size that is its centre region")
+            positive_int(name, value)
+        number_in_range("score_thr", score_thr, 0.0, 1.0, "a category score, after the sigmoid")
+        number_in_range("mask_thr", mask_thr, 0.0, 1.0, "a mask probability, after the sigmoid")
+        number_in_range("pos_scale", pos_scale, 0.0, 1.0, "the fraction of a mask's size that is its centre region")
         if isinstance(backbone, str):
             backbone = build_resnet_backbone(backbone, dtype=self.dtype_policy)
         if len(num_grids) != 5 or len(scale_ranges) != 5 or len(strides) != 5:
@@ -710,14 +711,14 @@ class SOLOv2(keras.Model):
         """
         from keras_solov2.schedules import SCHEDULES, WarmupMultiStepDecay, solov2_schedule
 
-        global_batch_size = _positive_int("global_batch_size", global_batch_size, allow_none=True)
-        steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
+        global_batch_size = positive_int("global_batch_size", global_batch_size, allow_none=True)
+        steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
         if weight_decay is not None and float(weight_decay) < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
         if grad_clip_norm is not None and not float(grad_clip_norm) > 0:
             # 0 would scale every gradient to zero: nothing would train.
             raise ValueError(f"grad_clip_norm must be > 0 or None (no clipping), got {grad_clip_norm!r}.")
-        micro_batch_size = _positive_int("micro_batch_size", micro_batch_size, allow_none=True)
+        micro_batch_size = positive_int("micro_batch_size", micro_batch_size, allow_none=True)
         if micro_batch_size is not None:
             if not self.norm_eval:
                 raise ValueError(
@@ -1068,23 +1069,6 @@ def _atomic_write(save_fn, filepath, overwrite, **kwargs):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _positive_int(name, value, allow_none=False):
-    """`value` as an int ≥ 1 (or None when allowed), else a ValueError naming `name`."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        allowed = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
-    return int(value)
-
-
-def _in_range(name, value, low, high, meaning):
-    """`value` as a float in [low, high], else a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not low <= value <= high:
-        raise ValueError(f"{name} must be a number in [{low}, {high}] ({meaning}), got {value!r}.")
-    return float(value)
 
 
 def _check_image_shape(images):

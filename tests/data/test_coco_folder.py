@@ -275,7 +275,7 @@ def test_bad_counts_and_too_few_images_are_named(tmp_path):
     for args, message in [
         (dict(batch_size=0), "batch_size must be a positive int, got 0"),  # was a ZeroDivisionError
         (dict(max_instances=0), "max_instances must be a positive int, got 0"),
-        (dict(steps_per_epoch=0), "steps_per_epoch must be a positive int, got 0"),
+        (dict(steps_per_epoch=0), "steps_per_epoch must be a positive int or None, got 0"),
         (dict(image_ids=[]), r"ann\.json: no images"),
         # One image, batches of 2 with the remainder dropped: epochs of no step.
         (dict(batch_size=2), r"ann\.json: 1 training images, fewer than batch_size=2"),
