@@ -983,8 +983,11 @@ class SOLOv2(keras.Model):
         _check_image_shape(images)
         images = ops.cast(images, "float32")
         # The folded backbone's fused kernels turn NaN into 0: without this
-        # check a broken image would give plausible-looking detections.
-        images = tf.debugging.assert_all_finite(images, "predict: images contain NaN or inf pixels")
+        # check a broken image would give plausible-looking detections. It
+        # gates the outputs, not the input, so it runs beside the backbone.
+        finite = tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(images)), ["predict: images contain NaN or inf pixels"]
+        )
         # Dynamic H, W: `predict` relaxes shapes after the second size, and
         # the graph then serves every size without retracing.
         shape = ops.shape(images)
@@ -1002,12 +1005,13 @@ class SOLOv2(keras.Model):
         soft = resize_bilinear(soft, (ph, pw))[:, :h, :w, :]
         masks = ops.cast(ops.transpose(soft, (0, 3, 1, 2))[:, :n] > self.mask_thr, "uint8")
         masks = ops.pad(masks, [[0, 0], [0, self.max_per_img - n], [0, 0], [0, 0]])
-        return {
-            "masks": masks,
-            "scores": decoded["scores"],
-            "labels": decoded["labels"],
-            "num_detections": decoded["num_detections"],
-        }
+        with tf.control_dependencies([finite]):
+            return {
+                "masks": tf.identity(masks),
+                "scores": tf.identity(decoded["scores"]),
+                "labels": tf.identity(decoded["labels"]),
+                "num_detections": tf.identity(decoded["num_detections"]),
+            }
 
     # ----------------------------------------------------------- serialising
     def save(self, filepath, overwrite=True, **kwargs):
