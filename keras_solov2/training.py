@@ -13,6 +13,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from keras_solov2.checks import positive_int
+
 
 def _data_args(p):
     p.add_argument("--annotations", required=True, help="COCO instances JSON")
@@ -89,13 +91,11 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
 
 
 def _positive_int(text):
+    """argparse type: `checks.positive_int` of the option's text."""
     try:
-        value = int(text)
+        return positive_int("value", int(text))
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def _pair(text):

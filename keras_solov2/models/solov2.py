@@ -1005,13 +1005,9 @@ class SOLOv2(keras.Model):
         soft = resize_bilinear(soft, (ph, pw))[:, :h, :w, :]
         masks = ops.cast(ops.transpose(soft, (0, 3, 1, 2))[:, :n] > self.mask_thr, "uint8")
         masks = ops.pad(masks, [[0, 0], [0, self.max_per_img - n], [0, 0], [0, 0]])
+        out = {"masks": masks, **{k: decoded[k] for k in ("scores", "labels", "num_detections")}}
         with tf.control_dependencies([finite]):
-            return {
-                "masks": tf.identity(masks),
-                "scores": tf.identity(decoded["scores"]),
-                "labels": tf.identity(decoded["labels"]),
-                "num_detections": tf.identity(decoded["num_detections"]),
-            }
+            return {k: tf.identity(v) for k, v in out.items()}
 
     # ----------------------------------------------------------- serialising
     def save(self, filepath, overwrite=True, **kwargs):
