@@ -15,10 +15,13 @@ Semantics are exactly mmdetection 3.3's `SOLOV2Head._get_targets_single`
   `mmcv.imrescale` (cv2 `INTER_LINEAR` on uint8) does, bit for bit.
 
 Shapes are fixed by the input: `M` instance slots per image (label `-1` =
-padding; `M` may be a dynamic dimension, `H`, `W` must be static) and, per
+padding) and, per
 instance and level, 9 candidate cells of which the valid ones are the
 positive (instance, cell) pairs. mmdet counts a cell once per
-instance that claims it, so pairs can repeat a cell; that is kept.
+instance that claims it, so pairs can repeat a cell; that is kept. `M`, `H`
+and `W` may be dynamic dimensions: the loss trims unused slots, and a
+pipeline that pads per batch gives `train_step` unknown `H`, `W` (one graph
+for every size).
 """
 
 import numpy as np
@@ -53,6 +56,24 @@ def _cv2_linear_taps(in_size, out_size):
     )
 
 
+def _cv2_linear_taps_in_graph(in_size, out_size):
+    """`_cv2_linear_taps` for sizes known only when the graph runs.
+
+    The same float64 arithmetic (and round-half-to-even, as Python's
+    `round`), so both give the same taps and weights for every size.
+    """
+    in_f = ops.cast(in_size, "float64")
+    src = (ops.arange(out_size, dtype="float64") + 0.5) * (in_f / ops.cast(out_size, "float64")) - 0.5
+    x0 = ops.floor(src)
+    frac = src - x0
+    frac = ops.where(ops.logical_or(x0 < 0, x0 >= in_f - 1), 0.0, frac)
+    x0 = ops.clip(x0, 0.0, in_f - 1)
+    ifrac = ops.round(frac * _CV2_COEF_SCALE)
+    taps0 = ops.cast(x0, "int32")
+    taps1 = ops.minimum(taps0 + 1, ops.cast(in_size, "int32") - 1)
+    return taps0, taps1, ops.cast(_CV2_COEF_SCALE - ifrac, "float32"), ops.cast(ifrac, "float32")
+
+
 def rescale_masks(masks, mask_stride=4):
     """Rescales 0/1 masks by `1 / mask_stride` exactly like `mmcv.imrescale`.
 
@@ -63,23 +84,23 @@ def rescale_masks(masks, mask_stride=4):
     float32 arithmetic below is exact.
 
     Args:
-        masks: `(..., H, W)` masks with values in {0, 1}; `H`, `W` static.
+        masks: `(..., H, W)` masks with values in {0, 1}; `H`, `W` static
+            (taps as constants) or dynamic (taps computed in the graph).
         mask_stride: int, the downsampling factor (4 in SOLOv2).
 
     Returns:
         `(..., round(H / mask_stride), round(W / mask_stride))` uint8 masks.
     """
-    in_h, in_w = masks.shape[-2], masks.shape[-1]
-    if in_h is None or in_w is None:
-        raise ValueError(
-            "SOLOv2 training needs batches of a static padded size (got masks of shape "
-            f"{tuple(masks.shape)}); pad every batch to one size, e.g. "
-            "keras_solov2.data.coco_folder.make_dataset(pad_to=...)."
-        )
-    out_h = int(in_h / mask_stride + 0.5)
-    out_w = int(in_w / mask_stride + 0.5)
-    y0, y1, wy0, wy1 = _cv2_linear_taps(in_h, out_h)
-    x0, x1, wx0, wx1 = _cv2_linear_taps(in_w, out_w)
+    taps = []
+    for axis in (-2, -1):
+        in_size = masks.shape[axis]
+        if in_size is None:
+            in_size = ops.shape(masks)[axis]
+            out_size = ops.cast(ops.floor(ops.cast(in_size, "float64") / mask_stride + 0.5), "int32")
+            taps.append(_cv2_linear_taps_in_graph(in_size, out_size))
+        else:
+            taps.append(_cv2_linear_taps(in_size, int(in_size / mask_stride + 0.5)))
+    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = taps
     # Gather the taps from the uint8 masks first: only the (H/4, W) row
     # samples are ever widened to float32, never the full masks.
     masks = ops.cast(masks, "uint8")
@@ -101,7 +122,7 @@ def instance_geometry(gt_masks):
         (float32 pixels, `ymax + 1 - ymin`), `scale` (`sqrt(box_w * box_h)`),
         `center_h`, `center_w` (float32 pixels in the padded image).
     """
-    h, w = gt_masks.shape[-2], gt_masks.shape[-1]
+    h, w = ops.shape(gt_masks)[-2], ops.shape(gt_masks)[-1]  # ints, or scalars if dynamic
     # Counting on the 0/1 masks as they are: no float copy of (B, M, H, W).
     rows = ops.cast(ops.count_nonzero(gt_masks, axis=-1), "int64")  # (..., H)
     cols = ops.cast(ops.count_nonzero(gt_masks, axis=-2), "int64")  # (..., W)
@@ -109,9 +130,9 @@ def instance_geometry(gt_masks):
     row_any = ops.cast(rows > 0, "int32")
     col_any = ops.cast(cols > 0, "int32")
     top = ops.argmax(row_any, axis=-1)
-    bottom = h - ops.argmax(ops.flip(row_any, axis=-1), axis=-1)
+    bottom = ops.cast(h, top.dtype) - ops.argmax(ops.flip(row_any, axis=-1), axis=-1)
     left = ops.argmax(col_any, axis=-1)
-    right = w - ops.argmax(ops.flip(col_any, axis=-1), axis=-1)
+    right = ops.cast(w, left.dtype) - ops.argmax(ops.flip(col_any, axis=-1), axis=-1)
     nonempty = area > 0
     box_h = ops.where(nonempty, ops.cast(bottom - top, "float32"), 0.0)
     box_w = ops.where(nonempty, ops.cast(right - left, "float32"), 0.0)
@@ -133,7 +154,7 @@ def instance_geometry(gt_masks):
 
 def _grid_coord(value, upsampled, num_grid):
     # mmdet: int(trunc(float32(value / upsampled) / float32(1 / S))).
-    ratio = value / np.float32(upsampled)
+    ratio = value / ops.cast(upsampled, "float32")
     return ops.cast(ratio / np.float32(1.0 / num_grid), "int32")
 
 
@@ -178,8 +199,7 @@ def assign_targets(
     """Grid targets for a batch of images with padded instance slots.
 
     Args:
-        gt_masks: `(B, M, H, W)` 0/1 masks at the padded image size
-            (static `H`, `W`).
+        gt_masks: `(B, M, H, W)` 0/1 masks at the padded image size.
         gt_labels: `(B, M)` int contiguous labels in `[0, num_classes)`,
             `-1` for padding slots (and anything to ignore, e.g. crowds).
         num_classes: int, background label = `num_classes`.
@@ -200,7 +220,7 @@ def assign_targets(
           pairs, duplicates across instances included (as mmdet);
         * `num_pos`: () int32, unique positive cells in the batch.
     """
-    h, w = gt_masks.shape[-2], gt_masks.shape[-1]
+    h, w = ops.shape(gt_masks)[-2], ops.shape(gt_masks)[-1]
     geometry = instance_geometry(gt_masks)
     gt_labels = ops.cast(gt_labels, "int32")
     active = ops.logical_and(gt_labels >= 0, geometry["area"] > 0)

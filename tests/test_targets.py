@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_solov2  # noqa: F401
 from keras_solov2 import SOLOv2, targets
@@ -99,3 +100,52 @@ def test_later_instance_overwrites_earlier():
     valid = np.asarray(t["pair_valid"])[0, :, 0]
     assert valid[0].sum() == valid[1].sum() > 0
     assert int(t["num_pos"]) == int(np.asarray(t["positive"][0]).sum())
+
+
+def _with_unknown_image_size(fn, masks, *args):
+    """`fn(masks, *args)` in a graph where the masks' H and W are unknown until it
+    runs (how Keras traces `train_step` once batches of a second size arrive)."""
+    spec = tf.TensorSpec([None] * (masks.ndim - 2) + [None, None], tf.as_dtype(masks.dtype))
+    return tf.function(lambda m: fn(m, *args), input_signature=[spec])(tf.constant(masks))
+
+
+@pytest.mark.parametrize("img", [0, 1, 2])
+def test_unknown_image_size_gives_the_mmdet_fixtures(fixtures_dir, img):
+    z = np.load(fixtures_dir / f"solov2_targets_img{img}.npz")
+    masks, labels = z["gt_masks"], z["gt_labels"]
+    rescaled = _with_unknown_image_size(targets.rescale_masks, masks)
+    np.testing.assert_array_equal(np.asarray(rescaled), z["gt_masks_rescaled"])
+    t = _with_unknown_image_size(
+        lambda m: targets.assign_targets(m, labels[None], 80, ref.NUM_GRIDS, ref.SCALE_RANGES), masks[None])
+    valid = np.asarray(t["pair_valid"])[0]
+    cells = np.asarray(t["pair_cells"])[0]
+    for lvl in range(5):
+        np.testing.assert_array_equal(np.asarray(t["labels"][lvl][0]), z[f"labels_l{lvl}"])
+        np.testing.assert_array_equal(cells[:, lvl][valid[:, lvl]] - OFFSETS[lvl], z[f"pos_index_l{lvl}"])
+    assert int(t["num_pos"]) == sum(int(z[f"pos_mask_l{lvl}"].sum()) for lvl in range(5))
+
+
+@pytest.mark.parametrize("h, w", [(150, 210), (160, 224), (33, 31), (203, 321)])
+def test_unknown_image_size_rescales_as_cv2(h, w):
+    """The in-graph cv2 taps: every size, including ones not a multiple of 4."""
+    masks, _ = non_square_instances(160, 224)
+    masks = np.pad(masks, ((0, 0), (0, max(h - 160, 0)), (0, max(w - 224, 0))))[:, :h, :w]
+    rescaled = np.asarray(_with_unknown_image_size(targets.rescale_masks, masks))
+    assert rescaled.shape[1:] == (int(h / 4 + 0.5), int(w / 4 + 0.5))
+    assert rescaled.any()
+    for m, r in zip(masks, rescaled):
+        np.testing.assert_array_equal(r, ref.cv2_rescale_quarter(m))
+
+
+def test_in_graph_taps_equal_the_constant_taps_at_every_size():
+    """Sizes up to mmdet's test scale: the in-graph float64 arithmetic and
+    rounding give the taps the fixture-checked constant path gives."""
+    taps = tf.function(targets._cv2_linear_taps_in_graph)
+    for size in range(1, 1400):
+        out = int(size / 4 + 0.5)
+        if out == 0:
+            continue
+        expected = targets._cv2_linear_taps(size, out)
+        got = taps(tf.constant(size), tf.constant(out))
+        for e, g in zip(expected, got):
+            np.testing.assert_array_equal(np.asarray(g), e, err_msg=f"size {size}")

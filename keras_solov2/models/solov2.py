@@ -757,7 +757,7 @@ class SOLOv2(keras.Model):
 
     def train_step(self, data):
         images, y = self._unpack(data)
-        _check_batch(images, y)
+        images, y = _check_batch(images, y, self.jit_compile)
         variables = self.trainable_variables
         compiled = getattr(self, "_compiled_trainable", None)
         added = [v.path for v in variables if compiled is not None and id(v) not in compiled]
@@ -915,7 +915,7 @@ class SOLOv2(keras.Model):
 
     def test_step(self, data):
         images, y = self._unpack(data)
-        _check_batch(images, y)
+        images, y = _check_batch(images, y, self.jit_compile)
         return self._track(self._replica_loss(images, y, training=False))
 
     @staticmethod
@@ -1081,12 +1081,18 @@ def _check_image_shape(images):
         )
 
 
-def _check_batch(images, y):
-    """A ValueError for a `fit`/`evaluate` batch that breaks the contract (static shapes).
+def _check_batch(images, y, jit_compile=False):
+    """Checks a `fit`/`evaluate` batch against the contract; returns `(images, y)`.
 
     `make_dataset` and `make_tfds_dataset` build conforming batches; this
     names what is wrong in a hand-made `tf.data` pipeline before it fails
-    inside TensorFlow (or, for a mask/label count mismatch, trains silently).
+    inside TensorFlow (or, for a mask/label count mismatch, trains silently):
+    a ValueError when the step is traced for what the static shapes show,
+    and, for dimensions unknown then (a pipeline without static shapes, or
+    batches of a second size, for which Keras traces the step again with
+    relaxed shapes), an InvalidArgumentError when the batch runs: the
+    returned `images` and `y` wait for those checks. Under `jit_compile`,
+    an unknown size or slot count is a ValueError.
     """
     contract = ("x = images (B, H, W, 3) or {'images': ...}, y = {'gt_masks': (B, M, H, W) 0/1, "
                 "'gt_labels': (B, M) int, -1 = padding}, H and W multiples of 32")
@@ -1115,3 +1121,27 @@ def _check_batch(images, y):
     if any(side is not None and side % SIZE_DIVISOR for side in (h, w)):
         raise ValueError(f"training/evaluation images must be padded to multiples of {SIZE_DIVISOR}, got {h}x{w} "
                          "(make_dataset pads them; predict pads by itself).")
+    if None not in (b, h, w) + masks + labels:
+        return images, y
+    if jit_compile and None in (h, w) + masks[1:] + labels[1:]:
+        # XLA needs the cap on mask pairs (top-k) and every tiling static.
+        raise ValueError(f"jit_compile=True needs batches of one static size, got images {(b, h, w, 3)}, gt_masks "
+                         f"{masks} and gt_labels {labels}: pad every batch to one size and slot count "
+                         "(make_dataset and make_tfds_dataset do), or compile without jit_compile.")
+    image_dims, mask_dims, label_dims = tf.shape(images), tf.shape(y["gt_masks"]), tf.shape(y["gt_labels"])
+    checks = [
+        tf.debugging.assert_equal(tf.stack([mask_dims[0], label_dims[0]]), image_dims[0],
+                                  message="images, gt_masks and gt_labels have different batch sizes "
+                                          "(gt_masks' and gt_labels' below, then the images')"),
+        tf.debugging.assert_equal(mask_dims[1], label_dims[1],
+                                  message="gt_masks and gt_labels have different instance slot counts"),
+        tf.debugging.assert_equal(mask_dims[2:], image_dims[1:3],
+                                  message="gt_masks are not at the image size (masks are at the padded "
+                                          "image size; masks' H, W below, then the images')"),
+        tf.debugging.assert_equal(image_dims[1:3] % SIZE_DIVISOR, 0,
+                                  message=f"training/evaluation images must be padded to multiples of "
+                                          f"{SIZE_DIVISOR} (make_dataset pads them; predict pads by itself)"),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(images), {k: tf.identity(v) if k in ("gt_masks", "gt_labels") else v
+                                     for k, v in y.items()}

@@ -55,6 +55,25 @@ def test_masks_equal_pycocotools_and_stay_aligned(coco_mini):
             np.testing.assert_allclose(pad, np.broadcast_to([123.675, 116.28, 103.53], pad.shape), atol=1e-4)
 
 
+def test_evaluation_batches_of_several_sizes_validate_in_fit(coco_mini):
+    """`fit(validation_data=make_dataset(..., training=False))`: mmdet's test
+    padding gives batches of several sizes (spec `(None, None, None, 3)`),
+    which failed inside the targets ("None values not supported")."""
+    from tests.test_model import tiny_model
+
+    ann, images = coco_mini
+    info = describe(ann, images)
+    ids = info.image_ids[:8]
+    train = make_dataset(info, ids[:4], scale=(320, 192), batch_size=2, max_instances=40)
+    val = make_dataset(info, ids[4:], scale=(320, 192), batch_size=2, max_instances=40, training=False)
+    sizes = {tuple(np.asarray(x["images"]).shape[1:3]) for x, _ in val}
+    assert len(sizes) > 1 and val.element_spec[0]["images"].shape[1] is None, sizes
+    model = tiny_model(num_classes=info.num_classes)
+    model.compile()
+    history = model.fit(train, epochs=1, validation_data=val, verbose=0).history
+    assert np.isfinite(history["val_loss"][0]) and history["val_loss_mask"][0] > 0, history
+
+
 def test_resize_and_flip_keep_masks_on_their_pixels(tmp_path):
     # One red square on black: after resize + flip the mask must still cover red pixels.
     img = np.zeros((60, 100, 3), np.uint8)
