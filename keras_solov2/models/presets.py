@@ -259,10 +259,7 @@ def save_to_preset(model, directory, metadata=None):
 
     import keras_solov2
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
-    try:
+    def write(tmp):
         (tmp / "config.json").write_text(json.dumps(keras.saving.serialize_keras_object(model), indent=4))
         model.save_weights(tmp / "model.weights.h5")
         (tmp / "metadata.json").write_text(json.dumps(dict(
@@ -273,6 +270,22 @@ def save_to_preset(model, directory, metadata=None):
             date_saved=time.strftime("%Y-%m-%d@%H:%M:%S"),
             **(metadata or {}),
         ), indent=4))
+
+    return write_directory_atomically(directory, write)
+
+
+def write_directory_atomically(directory, write):
+    """Calls `write(tmp)` on a new sibling folder, then renames it to `directory`.
+
+    An existing `directory` is replaced only once `write` has returned, so a
+    crash or kill leaves either the old folder or the new one, never a
+    half-written one. Returns `Path(directory)`.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+    try:
+        write(tmp)
         if directory.exists():
             old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old"))
             os.replace(directory, old / "preset")

@@ -1022,6 +1022,49 @@ class SOLOv2(keras.Model):
         """`keras.Model.save_weights`, written atomically (temp file + rename)."""
         _atomic_write(super().save_weights, filepath, overwrite, **kwargs)
 
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """A TensorFlow SavedModel for serving, whose `serve` endpoint is `predict`.
+
+        `serve(images)`: `images` `(B, H, W, 3)` float32 RGB pixels 0–255,
+        any `H`, `W` (padded to multiples of 32 inside, the masks cropped
+        back) → dict `masks` `(B, P, H, W)` uint8, `scores` `(B, P)`,
+        `labels` `(B, P)` int32 (-1 = none), `num_detections` `(B,)` int32,
+        `P = max_per_img`, sorted by score: `predict`'s outputs, one graph
+        for every size. (`keras.Model.export` would serve `call`'s raw head
+        outputs.) The folder is written atomically.
+
+        Args:
+            filepath: the SavedModel folder to create or replace.
+            format: `"tf_saved_model"`, the only one (post-processing has
+                dynamic shapes).
+            verbose: print the endpoint's signature (Keras's default).
+            input_signature: optional list of one `tf.TensorSpec` for the
+                images, e.g. a fixed `(1, 800, 1344, 3)`.
+
+        Example:
+
+        ```python
+        model = SOLOv2.from_architecture("solov2_light_r18", num_classes=3)
+        model.export("solov2_serving")
+        serving = tf.saved_model.load("solov2_serving")
+        out = serving.serve(tf.zeros((1, 480, 640, 3)))  # out["masks"]: (1, 100, 480, 640)
+        ```
+        """
+        from keras.export import ExportArchive
+
+        from keras_solov2.models.presets import write_directory_atomically
+
+        if format != "tf_saved_model":
+            raise ValueError(f"SOLOv2.export writes format='tf_saved_model' (serving `predict`), got {format!r}.")
+        if kwargs:
+            raise TypeError(f"SOLOv2.export got unexpected arguments {sorted(kwargs)}.")
+        if input_signature is None:
+            input_signature = [tf.TensorSpec((None, None, None, 3), tf.float32, name="images")]
+        archive = ExportArchive()
+        archive.track(self)
+        archive.add_endpoint("serve", self.predict_step, input_signature=input_signature)
+        return write_directory_atomically(filepath, lambda tmp: archive.write_out(str(tmp), verbose=verbose))
+
     def get_config(self):
         config = {
             "name": self.name,
