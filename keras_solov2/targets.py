@@ -61,6 +61,14 @@ def _cv2_linear_taps_in_graph(in_size, out_size):
 
     The same float64 arithmetic (and round-half-to-even, as Python's
     `round`), so both give the same taps and weights for every size.
+
+    Args:
+        in_size, out_size: int32 scalars, pixels along the axis before and
+            after the rescale.
+
+    Returns:
+        `taps0`, `taps1` `(out_size,)` int32 source indices and `w0`, `w1`
+        `(out_size,)` float32 integer weights (summing to 2048).
     """
     in_f = ops.cast(in_size, "float64")
     src = (ops.arange(out_size, dtype="float64") + 0.5) * (in_f / ops.cast(out_size, "float64")) - 0.5

@@ -126,8 +126,10 @@ def test_unknown_image_size_gives_the_mmdet_fixtures(fixtures_dir, img):
 
 
 @pytest.mark.parametrize("h, w", [(150, 210), (160, 224), (33, 31), (203, 321)])
-def test_unknown_image_size_rescales_as_cv2(h, w):
-    """The in-graph cv2 taps: every size, including ones not a multiple of 4."""
+def test_unknown_image_size_rescales_as_the_cv2_transcription(h, w):
+    """The in-graph taps against the NumPy transcription of cv2's fixed-point
+    INTER_LINEAR (the constant taps are checked against mmcv's output on the
+    fixtures): sizes that are not multiples of 4 included."""
     masks, _ = non_square_instances(160, 224)
     masks = np.pad(masks, ((0, 0), (0, max(h - 160, 0)), (0, max(w - 224, 0))))[:, :h, :w]
     rescaled = np.asarray(_with_unknown_image_size(targets.rescale_masks, masks))

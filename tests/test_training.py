@@ -96,8 +96,8 @@ def test_a_batch_that_breaks_the_contract_is_named_when_traced(case):
 
 
 def _unknown_dims(images, y):
-    """`(signature, batch)`: every dimension unknown but the channels, as Keras
-    traces the step once batches of a second size arrive."""
+    """`(signature, batch)`: every dimension unknown but the channels, as a
+    pipeline that pads per batch gives them."""
     sig = (tf.TensorSpec([None, None, None, 3], tf.float32),
            {k: tf.TensorSpec([None] * v.ndim, tf.as_dtype(v.dtype)) for k, v in y.items()})
     return sig, (tf.constant(images), {k: tf.constant(v) for k, v in y.items()})
@@ -130,6 +130,7 @@ def test_batches_of_several_sizes_train_in_one_relaxed_graph():
     model.compile()
     images, y = batches[2]
     static = model.test_step((tf.constant(images), {k: tf.constant(v) for k, v in y.items()}))
+    model.reset_metrics()  # test_step reports running means
     sig, batch = _unknown_dims(images, y)
     relaxed = tf.function(model.test_step, input_signature=[sig])(batch)
     for key in ("loss", "loss_cls", "loss_mask"):
@@ -144,6 +145,10 @@ def test_batches_of_several_sizes_train_in_one_relaxed_graph():
     assert np.isfinite(history.history["loss"][0])
     assert int(model.optimizer.iterations) == 8
     assert len(traces) == 1
+    # A second fit on another size: Keras traces the step again with relaxed shapes.
+    model.fit(*batches[0], batch_size=2, epochs=1, verbose=0)
+    model.fit(*batches[1], batch_size=2, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 10
 
 
 def test_unknown_sizes_under_xla_are_named_when_traced():

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import socket
 import tempfile
 import threading
@@ -31,6 +30,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
+
+from keras_solov2.atomic_files import write_directory_atomically
 
 _BASE = "https://download.openmmlab.com/mmdetection/v2.0/solov2"
 # Bump when the conversion changes: cached converted presets are then rebuilt.
@@ -272,30 +273,6 @@ def save_to_preset(model, directory, metadata=None):
         ), indent=4))
 
     return write_directory_atomically(directory, write)
-
-
-def write_directory_atomically(directory, write):
-    """Calls `write(tmp)` on a new sibling folder, then renames it to `directory`.
-
-    An existing `directory` is replaced only once `write` has returned, so a
-    crash or kill leaves either the old folder or the new one, never a
-    half-written one. Returns `Path(directory)`.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
-    try:
-        write(tmp)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old"))
-            os.replace(directory, old / "preset")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
 
 
 def load_preset_dir(directory, load_weights=True, **overrides):

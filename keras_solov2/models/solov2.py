@@ -1,9 +1,6 @@
 """`SOLOv2`: the model, its training step (targets, focal + dice loss) and inference."""
 
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -11,6 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_solov2 import losses, postprocess, targets
+from keras_solov2.atomic_files import write_directory_atomically, write_file_atomically
 from keras_solov2.checks import number_in_range, positive_int
 from keras_solov2.gather import take_rows
 from keras_solov2.layers.dynamic_mask_conv import DynamicMaskConv
@@ -1016,11 +1014,11 @@ class SOLOv2(keras.Model):
         A crash or kill during the save leaves any previous file intact, so
         `ModelCheckpoint` never leaves a truncated `.keras` file behind.
         """
-        _atomic_write(super().save, filepath, overwrite, **kwargs)
+        write_file_atomically(super().save, filepath, overwrite, **kwargs)
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
         """`keras.Model.save_weights`, written atomically (temp file + rename)."""
-        _atomic_write(super().save_weights, filepath, overwrite, **kwargs)
+        write_file_atomically(super().save_weights, filepath, overwrite, **kwargs)
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """A TensorFlow SavedModel for serving, whose `serve` endpoint is `predict`.
@@ -1037,13 +1035,16 @@ class SOLOv2(keras.Model):
             filepath: the SavedModel folder to create or replace.
             format: `"tf_saved_model"`, the only one (post-processing has
                 dynamic shapes).
-            verbose: print the endpoint's signature (Keras's default).
+            verbose: print the endpoint's signature (default True, as Keras).
             input_signature: optional list of one `tf.TensorSpec` for the
                 images, e.g. a fixed `(1, 800, 1344, 3)`.
 
         Example:
 
         ```python
+        import tensorflow as tf
+        from keras_solov2 import SOLOv2
+
         model = SOLOv2.from_architecture("solov2_light_r18", num_classes=3)
         model.export("solov2_serving")
         serving = tf.saved_model.load("solov2_serving")
@@ -1052,14 +1053,13 @@ class SOLOv2(keras.Model):
         """
         from keras.export import ExportArchive
 
-        from keras_solov2.models.presets import write_directory_atomically
-
         if format != "tf_saved_model":
             raise ValueError(f"SOLOv2.export writes format='tf_saved_model' (serving `predict`), got {format!r}.")
         if kwargs:
             raise TypeError(f"SOLOv2.export got unexpected arguments {sorted(kwargs)}.")
         if input_signature is None:
             input_signature = [tf.TensorSpec((None, None, None, 3), tf.float32, name="images")]
+        verbose = True if verbose is None else verbose
         archive = ExportArchive()
         archive.track(self)
         archive.add_endpoint("serve", self.predict_step, input_signature=input_signature)
@@ -1096,24 +1096,6 @@ class SOLOv2(keras.Model):
         return cls(**config)
 
 
-def _atomic_write(save_fn, filepath, overwrite, **kwargs):
-    if not isinstance(filepath, (str, os.PathLike)):
-        return save_fn(filepath, overwrite=overwrite, **kwargs)
-    path = Path(filepath)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        save_fn(tmp, overwrite=True, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _check_image_shape(images):
     """A ValueError for images that are not `(B, H, W, 3)` (static shape)."""
     shape = tuple(images.shape)
@@ -1135,7 +1117,8 @@ def _check_batch(images, y, jit_compile=False):
     batches of a second size, for which Keras traces the step again with
     relaxed shapes), an InvalidArgumentError when the batch runs: the
     returned `images` and `y` wait for those checks. Under `jit_compile`,
-    an unknown size or slot count is a ValueError.
+    an unknown size or slot count is a ValueError; XLA drops assertions, so
+    there an unknown batch size is not checked when the batch runs.
     """
     contract = ("x = images (B, H, W, 3) or {'images': ...}, y = {'gt_masks': (B, M, H, W) 0/1, "
                 "'gt_labels': (B, M) int, -1 = padding}, H and W multiples of 32")
