@@ -13,9 +13,15 @@ Prints a table and writes JSON. Measures, on the read-only shared data:
   flipped) of `make_dataset` (COCO JSON + image folder) and
   `make_tfds_dataset` (the tfds build above) over coco_train_mini, after a
   warm-up; and of both with the optional augmentation on (multi-scale,
-  random crop, photometric distortion).
+  random crop, photometric distortion);
+* the pipeline's memory at mmdet's training scale (`scale=(1333, 800)`,
+  padded 1344×1344, `max_instances=100`, batch 2, training stream):
+  TensorFlow's tensor peak (`tf.config.experimental.get_memory_info`)
+  while iterating, with each batch's instance slots padded to its image
+  with most instances (the default) and to `max_instances`
+  (`static_slots=True`), and the mean slot count of the batches.
 
-Usage: python benchmarks/bench_data.py [--warmup 5] [--batches 40] [--skip build,import,throughput]
+Usage: python benchmarks/bench_data.py [--warmup 5] [--batches 40] [--skip build,import,throughput,memory]
        [--dsb-limit N] [--out FILE]
 """
 
@@ -26,6 +32,8 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -107,6 +115,25 @@ def bench_throughput(builder, warmup, batches, batch_size=2):
     return results
 
 
+def bench_memory(batches, batch_size=2):
+    """TensorFlow's tensor peak while iterating the training stream at 1333×800."""
+    import tensorflow as tf
+
+    from keras_solov2.data import describe, make_dataset
+
+    info = describe(COCO_MINI / "annotations" / "instances_train2017.json", COCO_MINI / "train2017")
+    results = {}
+    for static_slots in (False, True):
+        ds = make_dataset(info, scale=(1333, 800), batch_size=batch_size, max_instances=100, training=True,
+                          steps_per_epoch=batches, static_slots=static_slots)
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        slots = [int(y["gt_masks"].shape[1]) for _, y in ds]
+        results["static_slots" if static_slots else "slots_per_batch"] = {
+            "tensor_peak_mb": tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20,
+            "mean_slots": float(np.mean(slots)), "batches": len(slots)}
+    return results
+
+
 def table(r):
     rows = []
     if "tfds_build" in r:
@@ -122,6 +149,9 @@ def table(r):
         ok = "meets" if t["images_per_s"] >= r["target_images_per_s"] else "below"
         rows.append((f"{name} 512px b2", f"{t['images_per_s']:.1f} img/s",
                      f"{t['images']} images in {t['seconds']:.1f} s ({ok} the {r['target_images_per_s']} img/s target)"))
+    for name, m in r.get("memory", {}).items():
+        rows.append((f"pipeline {name} 1333×800 b2", f"{m['tensor_peak_mb']:.0f} MB",
+                     f"TensorFlow's tensor peak over {m['batches']} batches, {m['mean_slots']:.1f} slots per batch"))
     width = max(len(a) for a, _, _ in rows)
     lines = [f"{'what':<{width}}  {'result':>12}  notes", "-" * (width + 60)]
     lines += [f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows]
@@ -132,7 +162,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warmup", type=int, default=5, help="batches before timing")
     ap.add_argument("--batches", type=int, default=40, help="batches timed")
-    ap.add_argument("--skip", default="", help="comma list of build,import,throughput")
+    ap.add_argument("--skip", default="", help="comma list of build,import,throughput,memory")
     ap.add_argument("--dsb-limit", type=int, default=None, help="import only the first N DSB2018 folders")
     ap.add_argument("--target", type=float, default=20.0, help="images/s target for the pipeline")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_data.json"))
@@ -160,6 +190,9 @@ def main():
         if "throughput" not in skip:
             print("tf.data throughput ...", flush=True)
             r["throughput"] = bench_throughput(builder, a.warmup, a.batches)
+        if "memory" not in skip:
+            print("tf.data memory ...", flush=True)
+            r["memory"] = bench_memory(a.warmup + a.batches)
     r["machine"]["load_average_at_end"] = list(os.getloadavg())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(r, indent=1))

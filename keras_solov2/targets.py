@@ -25,6 +25,7 @@ for every size).
 """
 
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 # cv2's fixed-point resize uses 11-bit coefficients (INTER_RESIZE_COEF_BITS).
@@ -119,6 +120,39 @@ def rescale_masks(masks, mask_stride=4):
     return ops.cast(full >= half, "uint8")
 
 
+_COUNT_GROUP = 32  # pixels summed in uint8 before widening (at most 32 < 256)
+
+
+def _count_ones(masks, axis):
+    """Ones of 0/1 `(..., H, W)` masks along `axis` (-1: per row, -2: per column), int64.
+
+    Sums 32 pixels at a time in uint8 before widening, so that no widened
+    copy of the masks exists: `count_nonzero` (or `keras.ops.sum`, which
+    widens uint8 first) made a `(B, M, H, W)` int32 copy and a bool one per
+    axis, ≈ 1.1 GB at batch 2, 50 instances, 1344×800, the largest tensors
+    of the step's targets; the partial sums are 1/8 of the uint8 masks.
+    """
+    masks = tf.cast(masks, tf.uint8)
+    size = masks.shape[axis]
+    if size is None or size % _COUNT_GROUP:
+        # Zero rows / columns: the counts along the other axis are unchanged.
+        if size is None:
+            size = tf.shape(masks)[axis]
+        pad = (-size) % _COUNT_GROUP
+        paddings = [[0, 0]] * (masks.shape.rank - 2) + ([[0, 0], [0, pad]] if axis == -1 else [[0, pad], [0, 0]])
+        masks = tf.pad(masks, paddings)
+    shape = tf.shape(masks)
+    lead, h, w = shape[:-2], shape[-2], shape[-1]
+    if axis == -1:
+        grouped = tf.reshape(masks, tf.concat([lead, [h, w // _COUNT_GROUP, _COUNT_GROUP]], 0))
+        partial = tf.reduce_sum(grouped, axis=-1)  # (..., H, W/32) uint8
+    else:
+        grouped = tf.reshape(masks, tf.concat([lead, [h // _COUNT_GROUP, _COUNT_GROUP, w]], 0))
+        partial = tf.reduce_sum(grouped, axis=-2)  # (..., H/32, W) uint8
+    counts = tf.reduce_sum(tf.cast(partial, tf.int64), axis=axis)
+    return counts
+
+
 def instance_geometry(gt_masks):
     """Tight box size and centre of mass of each mask, as mmdet computes them.
 
@@ -131,9 +165,8 @@ def instance_geometry(gt_masks):
         `center_h`, `center_w` (float32 pixels in the padded image).
     """
     h, w = ops.shape(gt_masks)[-2], ops.shape(gt_masks)[-1]  # ints, or scalars if dynamic
-    # Counting on the 0/1 masks as they are: no float copy of (B, M, H, W).
-    rows = ops.cast(ops.count_nonzero(gt_masks, axis=-1), "int64")  # (..., H)
-    cols = ops.cast(ops.count_nonzero(gt_masks, axis=-2), "int64")  # (..., W)
+    rows = _count_ones(gt_masks, axis=-1)  # (..., H)
+    cols = _count_ones(gt_masks, axis=-2)  # (..., W)
     area = ops.sum(rows, axis=-1)
     row_any = ops.cast(rows > 0, "int32")
     col_any = ops.cast(cols > 0, "int32")

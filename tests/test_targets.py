@@ -151,3 +151,32 @@ def test_in_graph_taps_equal_the_constant_taps_at_every_size():
         got = taps(tf.constant(size), tf.constant(out))
         for e, g in zip(expected, got):
             np.testing.assert_array_equal(np.asarray(g), e, err_msg=f"size {size}")
+
+
+def test_instance_geometry_widens_no_full_size_copy_of_the_masks():
+    """The counts are summed 32 pixels at a time in uint8: no op of the graph
+    outputs a (B, M, H, W) tensor wider than the uint8 masks (count_nonzero
+    made an int32 and a bool one per axis: ≈ 1.1 GB at batch 2, 50 instances,
+    1344×800). Exact against NumPy at sizes that are not multiples of 32."""
+    shape = (2, 5, 96, 160)
+    graph = tf.function(targets.instance_geometry).get_concrete_function(
+        tf.TensorSpec(shape, tf.uint8)).graph
+    full = np.prod(shape)
+    for op in graph.get_operations():
+        for out in op.outputs:
+            if out.shape.is_fully_defined() and out.shape.num_elements() >= full:
+                assert out.dtype.size == 1 and op.type in ("Placeholder", "Cast", "Reshape", "Identity"), (
+                    op.type, out.shape, out.dtype)
+    rng = np.random.default_rng(0)
+    for h, w in [(37, 50), (64, 33), (1, 95)]:
+        masks = (rng.random((3, 4, h, w)) < 0.3).astype(np.uint8)
+        masks[0, 1] = 0  # an empty mask
+        geo = targets.instance_geometry(masks)
+        rows, cols = masks.sum(-1), masks.sum(-2)
+        area = rows.sum(-1)
+        np.testing.assert_array_equal(geo["area"], area)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_allclose(np.asarray(geo["center_h"])[area > 0],
+                                       ((rows * np.arange(h)).sum(-1) / area)[area > 0], rtol=1e-6)
+            np.testing.assert_allclose(np.asarray(geo["center_w"])[area > 0],
+                                       ((cols * np.arange(w)).sum(-1) / area)[area > 0], rtol=1e-6)

@@ -151,6 +151,45 @@ def test_batches_of_several_sizes_train_in_one_relaxed_graph():
     assert int(model.optimizer.iterations) == 10
 
 
+def test_batches_padded_to_their_own_slot_count_train_in_one_graph():
+    """make_dataset pads a batch's instance slots to its image with most
+    instances: the step, traced with an unknown slot count, gives the loss of
+    the same batch in more slots, and a batch without instances (0 slots;
+    before: the targets gathered from an empty slot axis) the loss of
+    padding-only slots; in the micro-batch step too."""
+    images, y = synthetic_batch(n=2, h=64, w=96, max_instances=3)
+    more = {"gt_masks": np.pad(y["gt_masks"], [(0, 0), (0, 5), (0, 0), (0, 0)]),
+            "gt_labels": np.pad(y["gt_labels"], [(0, 0), (0, 5)], constant_values=-1)}
+    empty = {"gt_masks": np.zeros((2, 0, 64, 96), np.uint8), "gt_labels": np.zeros((2, 0), np.int32)}
+    negatives = {"gt_masks": np.zeros((2, 4, 64, 96), np.uint8), "gt_labels": -np.ones((2, 4), np.int32)}
+    sig = (tf.TensorSpec([2, 64, 96, 3], tf.float32),
+           {"gt_masks": tf.TensorSpec([2, None, 64, 96], tf.uint8), "gt_labels": tf.TensorSpec([2, None], tf.int32)})
+    model = tiny_model()
+    model.compile()
+    step = tf.function(model.test_step, input_signature=[sig])
+
+    def losses(y, step=step):
+        model.reset_metrics()  # test_step reports running means
+        out = step((tf.constant(images), {k: tf.constant(v) for k, v in y.items()}))
+        return {k: float(out[k]) for k in ("loss", "loss_cls", "loss_mask")}
+
+    few, padded = losses(y), losses(more)
+    for key in few:
+        np.testing.assert_allclose(few[key], padded[key], rtol=1e-6, err_msg=key)
+    assert few["loss_mask"] > 0
+    none, static_none, only_padding = losses(empty), losses(empty, model.test_step), losses(negatives)
+    for got in (none, static_none):
+        assert got["loss_mask"] == 0.0
+        np.testing.assert_allclose(got["loss_cls"], only_padding["loss_cls"], rtol=1e-6)
+    assert step.experimental_get_tracing_count() == 1
+
+    model.compile(micro_batch_size=1)
+    batches = [(images, empty), (images, y), (images, more)]
+    ds = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=sig)
+    history = model.fit(ds.apply(tf.data.experimental.assert_cardinality(3)), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0]) and int(model.optimizer.iterations) == 3
+
+
 def test_unknown_sizes_under_xla_are_named_when_traced():
     """XLA needs the mask-pair cap and the tilings static (before: a TopKV2
     conversion error from inside the compiler)."""

@@ -14,8 +14,13 @@ Images are resized keeping the aspect ratio into `scale` (mmdet
 `Resize(keep_ratio=True)`; a list of scales is mmdet's `RandomChoiceResize`),
 masks with nearest-neighbour sampling so they stay {0, 1}, and padded at the
 bottom/right to the fixed `pad_to` size with the mean pixel, so every batch
-has the same static shape; optional random crops and photometric jitter
-(see `transforms`).
+has the same static image shape; optional random crops and photometric
+jitter (see `transforms`). `M` is the largest instance count of the batch
+(at most `max_instances`): the pipeline's buffers hold only real masks (a
+slot is a full-size mask: 100 slots at 1344×1344 are 180 MB per image), and
+the model's step, traced with an unknown `M`, serves every count from one
+graph. `static_slots=True` pads every batch to `max_instances` slots, the
+static shape `compile(jit_compile=True)` needs.
 
 Bad inputs fail before training with the file and/or annotation id in the
 message (missing, unreadable or wrongly sized images, unknown ids, paths
@@ -347,7 +352,7 @@ class EpochTracker:
 def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_size=2,
                  max_instances=100, training=True, flip_prob=0.5, shuffle_seed=0,
                  steps_per_epoch=None, epoch_tracker=None, crop_size=None, crop_type="absolute",
-                 photometric_distortion=None):
+                 photometric_distortion=None, static_slots=False):
     """`tf.data.Dataset` of `(x, y)` batches from a COCO folder (see module doc).
 
     The training stream is a pure function of `(shuffle_seed, position in
@@ -375,7 +380,8 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
             padding, each image to a multiple of 32 and a batch to its
             largest image (so a converted mmdet model predicts exactly as
             mmdet does); pass `pad_to` for one static evaluation shape.
-        max_instances: instance slots per image (`M` of the contract).
+        max_instances: the most instances kept per image (the first ones,
+            with a logged warning naming the image when more are dropped).
         training: shuffle and augment (deterministically); otherwise file
             order, the first scale, no augmentation.
         flip_prob: probability of a horizontal flip (training).
@@ -391,6 +397,9 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
         photometric_distortion: `None`/`False` (default), `True` for
             mmdet's `PhotoMetricDistortion` defaults, or a dict of its
             settings / a `PhotoMetricDistortion` (training, image only).
+        static_slots: pad every batch to `max_instances` instance slots
+            (static shapes, for `compile(jit_compile=True)`); by default
+            a batch has as many slots as its image with most instances.
     """
     import tensorflow as tf
 
@@ -447,7 +456,7 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
         else:
             aug = {"scale": scales[0], "flip": tf.constant(False)}
         return resize_flip_pad(image, masks, labels, original_shape, image_id, pad_to=(ph, pw),
-                               max_instances=max_instances, **aug)
+                               max_instances=max_instances if static_slots else None, **aug)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=sig)
     # A known length lets `fit` size epochs and progress bars.
@@ -455,7 +464,21 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if not training and pad_to is None:
         return _batch_as_mmdet_test(ds, batch_size)
-    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    return _padded_batch(ds, batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+
+def _padded_batch(ds, batch_size, drop_remainder=False):
+    """`ds.padded_batch`: zeros, and label -1 in the slots an image lacks.
+
+    Each dimension is padded to the batch's largest: the instance slots
+    of examples with their own instance count, and the image sizes of
+    mmdet's test batches; statically shaped components are unchanged.
+    """
+    import tensorflow as tf
+
+    values = tf.nest.map_structure(lambda spec: tf.constant(0, spec.dtype), ds.element_spec)
+    values[1]["gt_labels"] = tf.constant(-1, ds.element_spec[1]["gt_labels"].dtype)
+    return ds.padded_batch(batch_size, padding_values=values, drop_remainder=drop_remainder)
 
 
 def _batch_as_mmdet_test(ds, batch_size):
@@ -482,12 +505,12 @@ def _batch_as_mmdet_test(ds, batch_size):
         return dict(x, images=x["images"] + mean), y
 
     ds = ds.map(to_content, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.padded_batch(batch_size).map(add_mean).prefetch(tf.data.AUTOTUNE)
+    return _padded_batch(ds, batch_size).map(add_mean).prefetch(tf.data.AUTOTUNE)
 
 
 def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_instances=100,
                       training=True, flip_prob=0.5, seed=0, crop_size=None, crop_type="absolute",
-                      photometric_distortion=None):
+                      photometric_distortion=None, static_slots=False):
     """The same `(x, y)` batches from a `solov2_coco` tfds split.
 
     Crowd instances are left out of the targets; the first `max_instances`
@@ -521,9 +544,9 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
         else:
             aug = {"scale": scales[0], "flip": tf.constant(False)}
         return resize_flip_pad(ex["image"], masks, labels, hw, ex["image/id"], pad_to=pad_to,
-                               max_instances=max_instances, **aug)
+                               max_instances=max_instances if static_slots else None, **aug)
 
     ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if not training and pad_is_default:
         return _batch_as_mmdet_test(ds, batch_size)
-    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    return _padded_batch(ds, batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)

@@ -551,10 +551,17 @@ class SOLOv2(keras.Model):
 
     @staticmethod
     def _slots_in_use(gt_masks, gt_labels):
-        """The instance slots up to the last one any image of the batch uses (≥ 1)."""
+        """The instance slots up to the last one any image of the batch uses (≥ 1).
+
+        A batch without instances (`M` = 0 when a pipeline pads the slots
+        per batch) gets one padding slot: the targets gather a slot per cell.
+        """
         rank = ops.arange(1, ops.shape(gt_labels)[1] + 1, dtype="int32")[None]
-        used = ops.maximum(ops.max(ops.where(gt_labels >= 0, rank, 0)), 1)
-        return gt_masks[:, :used], gt_labels[:, :used]
+        used = ops.maximum(ops.max(ops.where(gt_labels >= 0, rank, 0), initial=0), 1)
+        missing = used - ops.minimum(ops.shape(gt_labels)[1], used)
+        gt_masks = ops.pad(gt_masks[:, :used], [[0, 0], [0, missing], [0, 0], [0, 0]])
+        gt_labels = ops.pad(gt_labels[:, :used], [[0, 0], [0, missing]], constant_values=-1)
+        return gt_masks, gt_labels
 
     @staticmethod
     def _check_masks(gt_masks):
@@ -1153,7 +1160,8 @@ def _check_batch(images, y, jit_compile=False):
         # XLA needs the cap on mask pairs (top-k) and every tiling static.
         raise ValueError(f"jit_compile=True needs batches of one static size, got images {(b, h, w, 3)}, gt_masks "
                          f"{masks} and gt_labels {labels}: pad every batch to one size and slot count "
-                         "(make_dataset and make_tfds_dataset do), or compile without jit_compile.")
+                         "(make_dataset and make_tfds_dataset do with static_slots=True), or compile "
+                         "without jit_compile.")
     image_dims, mask_dims, label_dims = tf.shape(images), tf.shape(y["gt_masks"]), tf.shape(y["gt_labels"])
     checks = [
         tf.debugging.assert_equal(tf.stack([mask_dims[0], label_dims[0]]), image_dims[0],

@@ -41,7 +41,19 @@ def test_tfds_build_of_real_coco_subset(shared_dir, tmp_path):
     # mmdet's test padding: the batch's largest image, rounded up to 32.
     hw = np.asarray(x["image_shape"])
     padded = tuple(int(v) for v in (hw.max(0) + 31) // 32 * 32)
-    assert x["images"].shape == (2, *padded, 3) and y["gt_masks"].shape == (2, 50, *padded)
+    # Slots: the batch's largest instance count; the other image's end in -1.
+    counts = (np.asarray(y["gt_labels"]) >= 0).sum(1)
+    assert x["images"].shape == (2, *padded, 3) and y["gt_masks"].shape == (2, counts.max(), *padded)
+    assert 0 < counts.min() < counts.max() <= 50
+    assert (np.asarray(y["gt_labels"])[counts.argmin(), counts.min():] == -1).all()
+    assert not np.asarray(y["gt_masks"])[counts.argmin(), counts.min():].any()
+    # static_slots: the same batch in max_instances slots.
+    _, y_static = next(iter(make_tfds_dataset(ds.take(2), scale=(320, 320), batch_size=2, max_instances=50,
+                                              training=False, static_slots=True)))
+    assert y_static["gt_masks"].shape == (2, 50, *padded)
+    np.testing.assert_array_equal(np.asarray(y_static["gt_masks"])[:, :counts.max()], y["gt_masks"])
+    np.testing.assert_array_equal(np.asarray(y_static["gt_labels"])[:, :counts.max()], y["gt_labels"])
+    assert (np.asarray(y_static["gt_labels"])[:, counts.max():] == -1).all()
     assert hw.max() == 320
     pad_pixels = np.asarray(x["images"])[np.argmin(hw[:, 0]), hw[:, 0].min():]
     if pad_pixels.size:  # padded with the mean pixel, which the model normalises to 0
@@ -91,7 +103,7 @@ def test_tfds_builder_converts_odd_images_and_skips_unusable_annotations(tmp_pat
     # Negatives go through the pipeline too (crowd left out of the targets).
     x, y = next(iter(make_tfds_dataset(ds, scale=(32, 32), batch_size=6, max_instances=2, training=False)))
     labels = np.asarray(y["gt_labels"])
-    assert labels.shape == (6, 2) and (labels >= 0).sum() == 1
+    assert labels.shape == (6, 1) and (labels >= 0).sum() == 1  # slots: the most real instances of an image
 
 
 def test_tfds_builder_errors_name_the_file_and_annotation(tmp_path):

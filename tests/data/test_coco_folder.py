@@ -263,7 +263,11 @@ def test_images_without_annotations_are_kept_as_negatives(tmp_path):
     (x, y), = make_dataset(info, batch_size=2, scale=(30, 20), max_instances=3, training=False)
     assert list(np.asarray(x["image_id"])) == [1, 2]
     labels = np.asarray(y["gt_labels"])
-    assert list(labels[0]) == [0, -1, -1] and list(labels[1]) == [-1, -1, -1]
+    assert labels.tolist() == [[0], [-1]]  # slots: the batch's most instances
+    (_, y_static), = make_dataset(info, batch_size=2, scale=(30, 20), max_instances=3, training=False,
+                                  static_slots=True)
+    assert np.asarray(y_static["gt_labels"]).tolist() == [[0, -1, -1], [-1, -1, -1]]
+    np.testing.assert_array_equal(np.asarray(y_static["gt_masks"])[:, :1], y["gt_masks"])
     assert not np.asarray(y["gt_masks"][1]).any()
     # Training keeps them too (and crops of the positive may make more).
     batches = list(make_dataset(info, batch_size=2, scale=(30, 20), max_instances=3, crop_size=(0.3, 0.3),
