@@ -13,9 +13,12 @@ Batches follow the model's data contract:
 Images are resized keeping the aspect ratio into `scale` (mmdet
 `Resize(keep_ratio=True)`; a list of scales is mmdet's `RandomChoiceResize`),
 masks with nearest-neighbour sampling so they stay {0, 1}, and padded at the
-bottom/right to the fixed `pad_to` size with the mean pixel, so every batch
-has the same static image shape; optional random crops and photometric
-jitter (see `transforms`). `M` is the largest instance count of the batch
+bottom/right with the mean pixel as mmdet pads them: each image to a
+multiple of 32 and a batch to its largest image, training batches being of
+one orientation (mmdet's `AspectRatioBatchSampler`); or to a fixed `pad_to`
+size (one static shape). Optional random crops and photometric jitter (see
+`transforms`). The model's step is traced once with unknown sizes and
+serves them all. `M` is the largest instance count of the batch
 (at most `max_instances`): the pipeline's buffers hold only real masks (a
 slot is a full-size mask: 100 slots at 1344×1344 are 180 MB per image), and
 the model's step, traced with an unknown `M`, serves every count from one
@@ -357,7 +360,8 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
 
     The training stream is a pure function of `(shuffle_seed, position in
     the stream)`: pass `p` over the images is a permutation seeded by
-    `(shuffle_seed, p)`, and every random choice for the example at
+    `(shuffle_seed, p)`, batched by orientation as mmdet batches
+    (`OrientationGroupedOrder`), and every random choice for the example at
     `position` (scale, crop, flip, jitter) is drawn statelessly from the
     seed `(shuffle_seed, position)`. With an `epoch_tracker` (its callback
     in `fit`'s list) and `steps_per_epoch`, epoch `e` yields batches
@@ -373,13 +377,15 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
             (mmdet `RandomChoiceResize`, e.g. the 3x schedule's
             `[(1333, 800), (1333, 768), ..., (1333, 640)]`); evaluation
             uses the first pair.
-        pad_to: `(H, W)` fixed padded size. Default for training: a
-            square of the longest side of all scales rounded up to a
-            multiple of 32 (fits landscape and portrait at every scale; one
-            static shape for `fit`). Default for evaluation: mmdet's test
-            padding, each image to a multiple of 32 and a batch to its
-            largest image (so a converted mmdet model predicts exactly as
-            mmdet does); pass `pad_to` for one static evaluation shape.
+        pad_to: `(H, W)` fixed padded size (images larger at their scale
+            are shrunk to fit), for one static shape (`jit_compile` needs
+            it; `default_pad(scale)` is a square that fits every image).
+            Default: mmdet's padding, each image to a multiple of 32 and a
+            batch to its largest image, training batches of one
+            orientation, so that the S×S grids cover what they cover in
+            mmdet, in training as at test time (a converted mmdet model
+            predicts exactly as mmdet does); at 1333×800 a landscape batch
+            is about 800×1344 instead of a 1344×1344 square.
         max_instances: the most instances kept per image (the first ones,
             with a logged warning naming the image when more are dropped).
         training: shuffle and augment (deterministically); otherwise file
@@ -398,8 +404,9 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
             mmdet's `PhotoMetricDistortion` defaults, or a dict of its
             settings / a `PhotoMetricDistortion` (training, image only).
         static_slots: pad every batch to `max_instances` instance slots
-            (static shapes, for `compile(jit_compile=True)`); by default
-            a batch has as many slots as its image with most instances.
+            (static shapes, with `pad_to`, for `compile(jit_compile=True)`);
+            by default a batch has as many slots as its image with most
+            instances.
     """
     import tensorflow as tf
 
@@ -422,21 +429,21 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     if crop_size is not None:
         check_crop(crop_size, crop_type)
     photometric = PhotoMetricDistortion.from_arg(photometric_distortion)
-    ph, pw = pad_to or default_pad(scales)
     n = len(ids)
     if steps_per_epoch is None:
         steps_per_epoch = n // batch_size if training else -(-n // batch_size)
     per_epoch = steps_per_epoch * batch_size if training else n
     warned = set()
+    if training and pad_to is None:
+        portrait = [coco.imgs[i]["width"] < coco.imgs[i]["height"] for i in ids]
+        order = OrientationGroupedOrder(portrait, batch_size, shuffle_seed)
+    elif training:
+        order = OrientationGroupedOrder([False] * n, batch_size, shuffle_seed)  # plain shuffled passes
 
     def generate():
         epoch = epoch_tracker.epoch if epoch_tracker is not None else 0
         for position in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-            if training:
-                passes, i = divmod(position, n)
-                image_id = ids[np.random.default_rng([shuffle_seed, passes]).permutation(n)[i]]
-            else:
-                image_id = ids[position]
+            image_id = ids[order[position]] if training else ids[position]
             image, masks, labels = _load_example(coco, info, image_id, max_instances, warned)
             yield image, masks, labels, np.array(image.shape[:2], np.int32), np.int64(image_id), np.int64(position)
 
@@ -455,57 +462,82 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
             aug = sample_augmentation(seed, original_shape, scales, flip_prob, crop_size, crop_type, photometric)
         else:
             aug = {"scale": scales[0], "flip": tf.constant(False)}
-        return resize_flip_pad(image, masks, labels, original_shape, image_id, pad_to=(ph, pw),
+        return resize_flip_pad(image, masks, labels, original_shape, image_id, pad_to=pad_to,
                                max_instances=max_instances if static_slots else None, **aug)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=sig)
     # A known length lets `fit` size epochs and progress bars.
     ds = ds.apply(tf.data.experimental.assert_cardinality(per_epoch))
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if not training and pad_to is None:
-        return _batch_as_mmdet_test(ds, batch_size)
     return _padded_batch(ds, batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
 
 
-def _padded_batch(ds, batch_size, drop_remainder=False):
-    """`ds.padded_batch`: zeros, and label -1 in the slots an image lacks.
+class OrientationGroupedOrder:
+    """Position in a training stream → index of its image, batched as mmdet batches.
 
-    Each dimension is padded to the batch's largest: the instance slots
-    of examples with their own instance count, and the image sizes of
-    mmdet's test batches; statically shaped components are unchanged.
+    Pass `p` over the `n` images is a permutation seeded by `(seed, p)`;
+    each image joins the pending group of its orientation (portrait, or
+    landscape/square) and a group that reaches `batch_size` is the
+    stream's next batch (mmdet's `AspectRatioBatchSampler`; a group's
+    partial batch carries over to the next pass). So every batch is of one
+    orientation and, padded to its largest image, about one image's size
+    (mmdet pads a batch so). One orientation only (or `batch_size=1`):
+    the permutations themselves, one after the other.
+
+    Example:
+    >>> order = OrientationGroupedOrder([True, False, True, False], batch_size=2, seed=0)
+    >>> pairs = [(order[2 * k], order[2 * k + 1]) for k in range(4)]
+    >>> all(a % 2 == b % 2 for a, b in pairs)
+    True
+    """
+
+    def __init__(self, portrait, batch_size, seed):
+        self.portrait = np.asarray(portrait, bool)
+        self.batch_size, self.seed = int(batch_size), seed
+        self._passes, self._pending = 0, {False: [], True: []}
+        self._chunks, self._ends = [], []  # the stream so far, one int32 array per pass
+
+    def __getitem__(self, position):
+        while not self._ends or self._ends[-1] <= position:
+            self._add_pass()
+        k = int(np.searchsorted(self._ends, position, side="right"))
+        return int(self._chunks[k][position - (self._ends[k - 1] if k else 0)])
+
+    def _add_pass(self):
+        emitted = []
+        for j in np.random.default_rng([self.seed, self._passes]).permutation(len(self.portrait)):
+            group = self._pending[bool(self.portrait[j])]
+            group.append(int(j))
+            if len(group) == self.batch_size:
+                emitted.extend(group)
+                group.clear()
+        self._passes += 1
+        self._chunks.append(np.asarray(emitted, np.int32))
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(emitted))
+
+
+def _padded_batch(ds, batch_size, drop_remainder=False):
+    """`ds.padded_batch`: each dimension padded to the batch's largest.
+
+    Instance slots an image lacks get masks of 0 and label -1. Images of
+    different sizes (each already a multiple of 32) are padded with the mean
+    pixel, as each image is, which the model normalises to 0: mmdet pads a
+    batch so (`pad_size_divisor=32`), and the S×S grids then cover what they
+    cover in mmdet (a fixed square padding would change that, and the
+    predictions with it). Statically shaped components are unchanged.
     """
     import tensorflow as tf
 
     values = tf.nest.map_structure(lambda spec: tf.constant(0, spec.dtype), ds.element_spec)
     values[1]["gt_labels"] = tf.constant(-1, ds.element_spec[1]["gt_labels"].dtype)
-    return ds.padded_batch(batch_size, padding_values=values, drop_remainder=drop_remainder)
-
-
-def _batch_as_mmdet_test(ds, batch_size):
-    """Evaluation batches padded as mmdet's test pipeline pads them.
-
-    Each image keeps its resized size rounded up to a multiple of 32, and a
-    batch is padded to its largest image (mmdet `pad_size_divisor=32`), so
-    the head sees exactly the feature maps mmdet's model sees: a fixed
-    square padding would change what the S×S grids cover, and the
-    predictions with them. Batches then vary in size (`predict` and
-    `COCOMaskMAP` take any size; a loss needs `pad_to`).
-    """
-    import tensorflow as tf
-
+    if ds.element_spec[0]["images"].shape.is_fully_defined():
+        return ds.padded_batch(batch_size, padding_values=values, drop_remainder=drop_remainder)
+    # padded_batch pads with one scalar per component: pad the mean-subtracted images with 0.
     mean = tf.constant(PIXEL_MEAN, tf.float32)
-
-    def to_content(x, y):
-        size = (x["image_shape"] + 31) // 32 * 32
-        x = dict(x, images=x["images"][: size[0], : size[1]] - mean)  # padded_batch pads with 0
-        y = dict(y, gt_masks=y["gt_masks"][:, : size[0], : size[1]])
-        return x, y
-
-    def add_mean(x, y):
-        return dict(x, images=x["images"] + mean), y
-
-    ds = ds.map(to_content, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _padded_batch(ds, batch_size).map(add_mean).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y: (dict(x, images=x["images"] - mean), y),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.padded_batch(batch_size, padding_values=values, drop_remainder=drop_remainder)
+    return ds.map(lambda x, y: (dict(x, images=x["images"] + mean), y))
 
 
 def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_instances=100,
@@ -517,7 +549,11 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     others are kept. Every random choice (scale, crop, flip, jitter) is
     drawn statelessly from the seed `(seed, index in ds)`. Shuffle `ds`
     (e.g. `tfds.load(..., shuffle_files=True)` / `ds.shuffle(n, seed)`)
-    before passing it for training. The other arguments are
+    before passing it for training. Without `pad_to`, training batches are
+    grouped by orientation as they arrive (`tf.data`'s `group_by_window`,
+    as mmdet's `AspectRatioBatchSampler`; the groups left unfilled at the
+    end of a finite `ds` make mixed batches, as mmdet's). The other
+    arguments are
     `make_dataset`'s.
     """
     import tensorflow as tf
@@ -528,8 +564,6 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     if crop_size is not None:
         check_crop(crop_size, crop_type)
     photometric = PhotoMetricDistortion.from_arg(photometric_distortion)
-    pad_is_default = pad_to is None
-    pad_to = pad_to or default_pad(scales)
 
     def prepare(index, ex):
         objects = ex["objects"]
@@ -547,6 +581,18 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
                                max_instances=max_instances if static_slots else None, **aug)
 
     ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if not training and pad_is_default:
-        return _batch_as_mmdet_test(ds, batch_size)
+    if training and pad_to is None:
+        # mmdet's AspectRatioBatchSampler: a full group of one orientation (of
+        # the source image) is emitted as `batch_size` consecutive examples, so
+        # batching the flat stream keeps the groups; the groups left unfilled at
+        # the end make mixed batches, and there are `len(ds) // batch_size`.
+        def orientation(x, y):
+            return tf.cast(x["original_shape"][1] < x["original_shape"][0], tf.int64)
+
+        examples = int(ds.cardinality())
+        ds = ds.group_by_window(orientation, lambda _, window: window, window_size=batch_size)
+        ds = _padded_batch(ds, batch_size, drop_remainder=True)
+        if examples >= 0:  # a known length (not an infinite .repeat()) lets `fit` size epochs
+            ds = ds.apply(tf.data.experimental.assert_cardinality(examples // batch_size))
+        return ds.prefetch(tf.data.AUTOTUNE)
     return _padded_batch(ds, batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)

@@ -270,7 +270,10 @@ def resize_flip_pad(image, masks, labels, original_shape, image_id, flip, scale,
         flip: scalar bool, horizontal flip.
         scale: `(long, short)` keep-ratio target, Python ints or a `(2,)`
             int32 tensor (a per-example random choice).
-        pad_to: `(PH, PW)` Python ints, the fixed output size.
+        pad_to: `(PH, PW)` Python ints, the fixed output size; or `None`
+            for the resized content's own size rounded up to a multiple of
+            32 (mmdet's `pad_size_divisor=32`; a batch is then padded to
+            its largest image).
         max_instances: output instance slots, or `None` to keep `M`
             (after dropping empty masks).
         crop_box: optional `(4,)` int `(top, left, height, width)` in source
@@ -278,14 +281,14 @@ def resize_flip_pad(image, masks, labels, original_shape, image_id, flip, scale,
         photometric: optional drawn `PhotoMetricDistortion` parameters.
 
     Returns:
-        `x` with `images` `(PH, PW, 3)` float32 0..255, `image_shape` `(2,)`
+        `x` with `images` `(PH, PW, 3)` float32 0..255 (padded with the
+        mean pixel, which the model normalises to 0), `image_shape` `(2,)`
         (the resized content, before padding), `original_shape`,
         `image_id`; `y` with `gt_masks` `(max_instances, PH, PW)` uint8 and
         `gt_labels` `(max_instances,)` int32 (-1 = padding).
     """
     import tensorflow as tf
 
-    ph, pw = pad_to
     original_shape = tf.cast(original_shape, tf.int32)
     if crop_box is None:
         crop_box = tf.stack([0, 0, original_shape[0], original_shape[1]])
@@ -295,10 +298,12 @@ def resize_flip_pad(image, masks, labels, original_shape, image_id, flip, scale,
     long_side, short_side = tf.reduce_max(scale), tf.reduce_min(scale)
     h, w = tf.cast(ch, tf.float32), tf.cast(cw, tf.float32)
     factor = tf.minimum(long_side / tf.maximum(h, w), short_side / tf.minimum(h, w))
-    factor = tf.minimum(factor, tf.minimum(ph / h, pw / w))
+    if pad_to is not None:
+        factor = tf.minimum(factor, tf.minimum(pad_to[0] / h, pad_to[1] / w))
     # mmcv.rescale_size: int(x * factor + 0.5)
     nh = tf.cast(tf.floor(h * factor + 0.5), tf.int32)
     nw = tf.cast(tf.floor(w * factor + 0.5), tf.int32)
+    ph, pw = pad_to if pad_to is not None else ((nh + 31) // 32 * 32, (nw + 31) // 32 * 32)
 
     image = tf.cast(image[top:top + ch, left:left + cw], tf.float32)
     image = tf.image.resize(image, (nh, nw), method="bilinear")
@@ -325,8 +330,9 @@ def resize_flip_pad(image, masks, labels, original_shape, image_id, flip, scale,
 
     mean = tf.constant(PIXEL_MEAN, tf.float32)
     image = tf.pad(image - mean, [[0, ph - nh], [0, pw - nw], [0, 0]]) + mean
-    image.set_shape((ph, pw, 3))
-    masks.set_shape((max_instances, ph, pw))
+    static = (None, None) if pad_to is None else pad_to
+    image.set_shape((*static, 3))
+    masks.set_shape((max_instances, *static))
     labels.set_shape((max_instances,))
     x = {"images": image, "image_shape": tf.stack([nh, nw]), "original_shape": original_shape,
          "image_id": tf.cast(image_id, tf.int64)}

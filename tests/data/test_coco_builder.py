@@ -54,6 +54,16 @@ def test_tfds_build_of_real_coco_subset(shared_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(y_static["gt_masks"])[:, :counts.max()], y["gt_masks"])
     np.testing.assert_array_equal(np.asarray(y_static["gt_labels"])[:, :counts.max()], y["gt_labels"])
     assert (np.asarray(y_static["gt_labels"])[:, counts.max():] == -1).all()
+    # Training batches: one orientation each (of the source image), padded to their largest image;
+    # the groups left unfilled at the end make the last, mixed batch: len(ds) // batch_size in all.
+    train = make_tfds_dataset(ds.take(25), scale=(320, 320), batch_size=3, max_instances=50)
+    assert len(train) == 8
+    mixed = 0
+    for x, y in train:
+        original, hw = np.asarray(x["original_shape"]), np.asarray(x["image_shape"])
+        mixed += len(set(original[:, 1] < original[:, 0])) > 1
+        assert x["images"].shape[1:3] == tuple(int(v) for v in -(-hw.max(0) // 32) * 32)
+    assert mixed <= 1
     assert hw.max() == 320
     pad_pixels = np.asarray(x["images"])[np.argmin(hw[:, 0]), hw[:, 0].min():]
     if pad_pixels.size:  # padded with the mean pixel, which the model normalises to 0
