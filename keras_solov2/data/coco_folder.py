@@ -17,13 +17,13 @@ bottom/right with the mean pixel as mmdet pads them: each image to a
 multiple of 32 and a batch to its largest image, training batches being of
 one orientation (mmdet's `AspectRatioBatchSampler`); or to a fixed `pad_to`
 size (one static shape). Optional random crops and photometric jitter (see
-`transforms`). The model's step is traced once with unknown sizes and
-serves them all. `M` is the largest instance count of the batch
-(at most `max_instances`): the pipeline's buffers hold only real masks (a
-slot is a full-size mask: 100 slots at 1344×1344 are 180 MB per image), and
-the model's step, traced with an unknown `M`, serves every count from one
-graph. `static_slots=True` pads every batch to `max_instances` slots, the
-static shape `compile(jit_compile=True)` needs.
+`transforms`). `M` is the largest instance count of the batch (at most
+`max_instances`): the pipeline's buffers hold only real masks (a slot is a
+full-size mask: 100 slots at 1344×1344 are 180 MB per image).
+`static_slots=True` pads every batch to `max_instances` slots, which, with
+`pad_to`, is the static shape `compile(jit_compile=True)` needs. The
+model's step, traced once with unknown sizes and slot counts, serves them
+all.
 
 Bad inputs fail before training with the file and/or annotation id in the
 message (missing, unreadable or wrongly sized images, unknown ids, paths
