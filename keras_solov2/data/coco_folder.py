@@ -546,7 +546,7 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     """The same `(x, y)` batches from a `solov2_coco` tfds split.
 
     Crowd instances are left out of the targets; the first `max_instances`
-    others are kept. Every random choice (scale, crop, flip, jitter) is
+    others are kept (a warning names each image over that, once). Every random choice (scale, crop, flip, jitter) is
     drawn statelessly from the seed `(seed, index in ds)`. Shuffle `ds`
     (e.g. `tfds.load(..., shuffle_files=True)` / `ds.shuffle(n, seed)`)
     before passing it for training. Without `pad_to`, training batches are
@@ -564,6 +564,15 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     if crop_size is not None:
         check_crop(crop_size, crop_type)
     photometric = PhotoMetricDistortion.from_arg(photometric_distortion)
+    warned = set()
+
+    def warn_over_cap(image_id, count):
+        image_id = int(image_id.numpy())
+        if image_id not in warned:  # once per image, not once per epoch
+            warned.add(image_id)
+            log.warning("tfds example image/id %d has %d non-crowd instances; keeping the first %d "
+                        "(max_instances).", image_id, int(count.numpy()), max_instances)
+        return True
 
     def prepare(index, ex):
         objects = ex["objects"]
@@ -571,7 +580,13 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
         hw = tf.shape(ex["image"])[:2]
         masks = tf.reshape(tf.boolean_mask(objects["mask"], keep), (-1, hw[0], hw[1]))
         labels = tf.cast(tf.boolean_mask(objects["label"], keep), tf.int32)
-        masks, labels = masks[:max_instances], labels[:max_instances]
+        count = tf.shape(labels)[0]
+        # The warning needs Python (logging, once per image); only images over the cap reach it.
+        warned = tf.cond(count > max_instances,
+                         lambda: tf.py_function(warn_over_cap, [ex["image/id"], count], tf.bool),
+                         lambda: tf.constant(False))
+        with tf.control_dependencies([warned]):
+            masks, labels = masks[:max_instances], labels[:max_instances]
         if training:
             example_seed = tf.stack([tf.constant(seed, tf.int64), index])
             aug = sample_augmentation(example_seed, hw, scales, flip_prob, crop_size, crop_type, photometric)

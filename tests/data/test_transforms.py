@@ -259,6 +259,22 @@ def test_tfds_route_is_seeded_by_index():
     assert np.all(np.asarray(x["images"]) >= 0) and np.all(np.asarray(x["images"]) <= 255)
 
 
+def test_tfds_route_warns_once_per_image_over_max_instances(caplog):
+    # Each example has 2 non-crowd instances: max_instances=1 keeps the first and says so.
+    ds = make_tfds_dataset(_tfds_like().repeat(2), scale=(96, 64), batch_size=2, max_instances=1, training=False)
+    with caplog.at_level("WARNING"):
+        labels = np.concatenate([np.asarray(y["gt_labels"]) for _, y in ds])
+    assert labels.shape == (8, 1) and (labels == 0).all()  # the first instance of each image
+    warnings = [r.getMessage() for r in caplog.records if "max_instances" in r.getMessage()]
+    assert sorted(warnings) == sorted(
+        f"tfds example image/id {i} has 2 non-crowd instances; keeping the first 1 (max_instances)."
+        for i in range(1, 5))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        list(make_tfds_dataset(_tfds_like(), scale=(96, 64), batch_size=2, max_instances=2, training=False))
+    assert "max_instances" not in caplog.text
+
+
 def test_photometric_distortion_changes_the_image_only(tmp_path):
     info = _painted_folder(tmp_path)
     kw = dict(scale=(160, 100), batch_size=4, max_instances=6, shuffle_seed=3, steps_per_epoch=1)
