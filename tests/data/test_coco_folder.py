@@ -69,6 +69,8 @@ def test_evaluation_batches_of_several_sizes_validate_in_fit(coco_mini):
     val = make_dataset(info, ids[4:], scale=(320, 192), batch_size=2, max_instances=40, training=False)
     sizes = {tuple(np.asarray(x["images"]).shape[1:3]) for x, _ in val}
     assert len(sizes) > 1 and val.element_spec[0]["images"].shape[1] is None, sizes
+    # tf.data's autotuning thread could hold up the end of `fit` (coco_folder._finished).
+    assert train.options().autotune.enabled is False and val.options().autotune.enabled is False
     model = tiny_model(num_classes=info.num_classes)
     model.compile()
     history = model.fit(train, epochs=1, validation_data=val, verbose=0).history

@@ -253,7 +253,9 @@ def test_tfds_route_is_seeded_by_index():
     c = _arrays(make_tfds_dataset(_tfds_like(), seed=2, **kw))
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert not all(u.shape == v.shape and np.array_equal(u, v) for u, v in zip(a, c))
-    x, y = next(iter(make_tfds_dataset(_tfds_like(), **kw)))
+    train = make_tfds_dataset(_tfds_like(), **kw)
+    assert train.options().autotune.enabled is False  # see coco_folder._finished
+    x, y = next(iter(train))
     labels = np.asarray(y["gt_labels"])
     assert set(labels.ravel()) <= {-1, 0, 1} and (labels == -1).all(axis=0)[2:].all()  # the crowd is left out
     assert np.all(np.asarray(x["images"]) >= 0) and np.all(np.asarray(x["images"]) <= 255)
