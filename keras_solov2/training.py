@@ -23,7 +23,8 @@ def _data_args(p):
                    help="keep-ratio resize LONG,SHORT (mmdet style); several separated by ';' for "
                         "multi-scale training, e.g. '1333,800;1333,768;1333,736;1333,704;1333,672;1333,640' "
                         "(mmdet's 3x); evaluation uses the first")
-    p.add_argument("--max-instances", type=_positive_int, default=100)
+    p.add_argument("--max-instances", type=_positive_int, default=100,
+                   help="the most instances kept per image, the first ones (a warning names each image over it)")
 
 
 def _scale(text):
