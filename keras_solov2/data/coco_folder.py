@@ -546,7 +546,8 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     """The same `(x, y)` batches from a `solov2_coco` tfds split.
 
     Crowd instances are left out of the targets; the first `max_instances`
-    others are kept (a warning names each image over that, once). Every random choice (scale, crop, flip, jitter) is
+    others are kept (a warning names each image over that, once). Every
+    random choice (scale, crop, flip, jitter) is
     drawn statelessly from the seed `(seed, index in ds)`. Shuffle `ds`
     (e.g. `tfds.load(..., shuffle_files=True)` / `ds.shuffle(n, seed)`)
     before passing it for training. Without `pad_to`, training batches are
@@ -582,10 +583,10 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
         labels = tf.cast(tf.boolean_mask(objects["label"], keep), tf.int32)
         count = tf.shape(labels)[0]
         # The warning needs Python (logging, once per image); only images over the cap reach it.
-        warned = tf.cond(count > max_instances,
-                         lambda: tf.py_function(warn_over_cap, [ex["image/id"], count], tf.bool),
-                         lambda: tf.constant(False))
-        with tf.control_dependencies([warned]):
+        noted = tf.cond(count > max_instances,
+                        lambda: tf.py_function(warn_over_cap, [ex["image/id"], count], tf.bool),
+                        lambda: tf.constant(False))
+        with tf.control_dependencies([noted]):
             masks, labels = masks[:max_instances], labels[:max_instances]
         if training:
             example_seed = tf.stack([tf.constant(seed, tf.int64), index])
