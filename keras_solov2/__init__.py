@@ -1,20 +1,28 @@
 """SOLOv2 instance segmentation for Keras 3 (TensorFlow backend).
 
 The package sets ``KERAS_BACKEND=tensorflow`` before Keras is imported, so users
-need not export it. Importing Keras first with another backend is an error.
+need not export it. Another backend (Keras imported with it first, or asked for
+in ``KERAS_BACKEND``) is an error. Importing the package imports neither Keras
+nor TensorFlow: its classes load at first use, so the command line can quiet
+TensorFlow's start-up logging before TensorFlow loads.
 """
 
 import os
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
 
-if keras.config.backend() != "tensorflow":
+def _backend():
+    keras = sys.modules.get("keras")
+    return keras.config.backend() if keras is not None else os.environ["KERAS_BACKEND"]
+
+
+if _backend() != "tensorflow":
     raise ImportError(
-        "keras_solov2 needs the TensorFlow backend, but Keras was already "
-        f"imported with backend {keras.config.backend()!r}. Set "
-        "KERAS_BACKEND=tensorflow (or import keras_solov2 before keras)."
+        f"keras_solov2 needs the TensorFlow backend, but Keras has backend {_backend()!r} "
+        "(imported with it, or KERAS_BACKEND). Set KERAS_BACKEND=tensorflow (or import "
+        "keras_solov2 before keras)."
     )
 
 __version__ = "0.1.0"

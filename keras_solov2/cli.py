@@ -124,8 +124,11 @@ def _cmd_assign(args):
 
 
 def main(argv=None):
-    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) is noise on a
-    # command line; an explicit TF_CPP_MIN_LOG_LEVEL still wins.
+    # TensorFlow's C++ info and warning logs (CPU features, tf.data patches)
+    # are noise on a command line; an explicit TF_CPP_MIN_LOG_LEVEL still
+    # wins. It works because TensorFlow is not loaded yet (the package loads
+    # it at first use); TensorFlow 2.21's first lines (oneDNN, CUDA stub)
+    # print before it reads the variable.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # This process loads no SavedModel with tensorflow-text ops: keras-hub's
     # import of tensorflow-text can wait for a use that never comes (≈ 116 MB).
@@ -169,7 +172,6 @@ def main(argv=None):
         pass
 
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return args.func(args)
 
 

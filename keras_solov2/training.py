@@ -86,7 +86,8 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     callbacks.append(keras.callbacks.CSVLogger(str(out / "log.csv"), append=True))
     if importlib.util.find_spec("tensorboard") is not None:
         callbacks.append(keras.callbacks.TensorBoard(str(out / "tensorboard")))
-    history = model.fit(train_ds, epochs=epochs, callbacks=callbacks, verbose=2)
+    # The stream is shuffled by make_dataset (seeded, resumable); fit's shuffle only warns on a Dataset.
+    history = model.fit(train_ds, epochs=epochs, callbacks=callbacks, verbose=2, shuffle=False)
     model.save(out / "final.keras")
     return history
 

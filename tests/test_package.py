@@ -5,6 +5,7 @@ is the behaviour under test.
 """
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,23 @@ print(type(sys.modules["tensorflow_text"]).__name__)
 """
     )
     assert out[-1] == "_DeferredModule"
+
+
+def test_import_loads_neither_keras_nor_tensorflow_and_refuses_another_backend():
+    # The command line sets TF_CPP_MIN_LOG_LEVEL after importing the package:
+    # it only takes effect if TensorFlow is not loaded by then.
+    out = run_python("""
+import sys, keras_solov2
+print("tensorflow" in sys.modules, "keras" in sys.modules, keras_solov2.SOLOv2.__name__)
+""")
+    assert out == ["False", "False", "SOLOv2"]
+    # Asked for in the environment, or Keras imported first with it (a stand-in
+    # module: the other backends need packages this project does not install).
+    fake_keras = ("import sys, types; sys.modules['keras'] = types.SimpleNamespace("
+                  "config=types.SimpleNamespace(backend=lambda: 'torch')); import keras_solov2")
+    for code, env, backend in [("import keras_solov2", {"KERAS_BACKEND": "numpy"}, "numpy"),
+                               (fake_keras, {}, "torch")]:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env})
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert f"keras_solov2 needs the TensorFlow backend, but Keras has backend '{backend}'" in proc.stderr
