@@ -141,7 +141,7 @@ def run_demo(output_dir="solov2_demo", epochs=10, num_train=192, num_val=48, bat
     # more steps than a CPU demo has before the masks start to form.
     schedule = WarmupMultiStepDecay(1e-3, [int(epochs * 0.75) * steps], warmup_steps=steps // 2)
     model.compile(keras.optimizers.Adam(schedule), weight_decay=0.0)
-    model.fit(train_ds, epochs=epochs, verbose=2,
+    model.fit(train_ds, epochs=epochs, verbose=2, shuffle=False,  # train_ds is shuffled; fit only warns
               callbacks=[keras.callbacks.TerminateOnNaN()])
     train_time = time.time() - start
     stats = evaluate_coco(model, val_ds, coco_gt, [1, 2, 3])
