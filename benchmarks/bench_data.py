@@ -15,7 +15,9 @@ Prints a table and writes JSON. Measures, on the read-only shared data:
   warm-up; and of both with the optional augmentation on (multi-scale,
   random crop, photometric distortion);
 * the pipeline's memory at mmdet's training scale (`scale=(1333, 800)`,
-  padded 1344×1344, `max_instances=100`, batch 2, training stream):
+  padded as `make_dataset` pads by default: each batch of one orientation
+  to its largest image, rounded up to 32; `max_instances=100`, batch 2,
+  training stream):
   TensorFlow's tensor peak (`tf.config.experimental.get_memory_info`)
   while iterating, with each batch's instance slots padded to its image
   with most instances (the default) and to `max_instances`

@@ -434,11 +434,10 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
         steps_per_epoch = n // batch_size if training else -(-n // batch_size)
     per_epoch = steps_per_epoch * batch_size if training else n
     warned = set()
-    if training and pad_to is None:
-        portrait = [coco.imgs[i]["width"] < coco.imgs[i]["height"] for i in ids]
+    if training:
+        # With pad_to every batch has one shape: one orientation, i.e. plain shuffled passes.
+        portrait = [coco.imgs[i]["width"] < coco.imgs[i]["height"] for i in ids] if pad_to is None else [False] * n
         order = OrientationGroupedOrder(portrait, batch_size, shuffle_seed)
-    elif training:
-        order = OrientationGroupedOrder([False] * n, batch_size, shuffle_seed)  # plain shuffled passes
 
     def generate():
         epoch = epoch_tracker.epoch if epoch_tracker is not None else 0
