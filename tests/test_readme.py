@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -57,8 +55,9 @@ presets.save_to_preset(SOLOv2.from_architecture("solov2_light_r18"),
 REPORT = """
 import json
 saved = keras.saving.load_model("best.keras")
-json.dump({"steps": len(train), "train_examples": builder.info.splits["train[:80%]"].num_examples,
-           "examples": builder.info.splits["train"].num_examples, "val_batches": len(val), "num_classes": saved.num_classes,
+json.dump({"examples": builder.info.splits["train"].num_examples,
+           "train_examples": builder.info.splits["train[:80%]"].num_examples,
+           "steps": len(train), "val_batches": len(val), "num_classes": saved.num_classes,
            "class_names": list(saved.class_names), "history": model.history.history},
           open("report.json", "w"))
 """
