@@ -178,6 +178,18 @@ def test_predict_pads_and_returns_input_size():
     assert out["scores"].shape == (2, 10) and out["num_detections"].shape == (2,)
 
 
+def test_summary_after_predict_names_every_layer():
+    # Keras's summary asks each built layer for its output shape from the
+    # shapes it was built with; a two-input layer must have recorded both.
+    model = tiny_model(max_per_img=10)
+    model.predict(np.zeros((1, 64, 96, 3), "float32"), verbose=0)
+    lines = []
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    text = "\n".join(lines)
+    assert "dynamic_conv (DynamicMaskConv)" in text and "(1, None, 16, 24)" in text
+    assert f"Total params: {model.count_params():,}" in text
+
+
 def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="Unknown backbone"):
         SOLOv2(backbone="vgg16")

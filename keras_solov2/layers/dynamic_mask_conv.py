@@ -30,6 +30,11 @@ class DynamicMaskConv(keras.layers.Layer):
     ((1, 1, 4, 5), 6.0)
     """
 
+    def build(self, mask_features_shape, kernels_shape):
+        # Both shapes named, so that Keras records them for
+        # `compute_output_shape` (e.g. in `model.summary()`).
+        _check_shapes(mask_features_shape, kernels_shape, self.name)
+
     def call(self, mask_features, kernels):
         _check_shapes(mask_features.shape, kernels.shape, self.name)
         return ops.einsum("bhwe,bke->bkhw", mask_features, kernels)
