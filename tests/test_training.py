@@ -46,6 +46,46 @@ def test_overfits_four_images():
     assert end["loss"] < start["loss"] / 5, (start, end)
 
 
+def test_a_keras_file_keeps_the_compile_settings_and_the_optimizer_state(tmp_path):
+    # A `ModelCheckpoint("best.keras")` a user resumes from: the loaded model is
+    # compiled as saved and its next step is the saved model's next step.
+    images, y = synthetic_batch(n=2)
+    model = tiny_model()
+    model.compile(global_batch_size=2, steps_per_epoch=3, weight_decay=5e-4, grad_clip_norm=10.0,
+                  micro_batch_size=1)
+    model.fit(images, y, batch_size=2, epochs=2, verbose=0, shuffle=False)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.compiled
+    assert (loaded.weight_decay, loaded.grad_clip_norm, loaded.micro_batch_size) == (5e-4, 10.0, 1)
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
+    # Still in the warm-up: the schedule continues from step 2, not from 0.
+    assert float(loaded.optimizer.learning_rate) == float(model.optimizer.learning_rate)
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables) > 2
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model.fit(images, y, batch_size=2, epochs=1, verbose=0, shuffle=False)
+    loaded.fit(images, y, batch_size=2, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.trainable_variables, loaded.trainable_variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert not keras.saving.load_model(tmp_path / "m.keras", compile=False).compiled
+
+
+def test_keras_loss_arguments_and_sample_weights_are_errors():
+    model = tiny_model()
+    for kwargs in ({"loss": "mse"}, {"metrics": ["accuracy"]}):
+        with pytest.raises(ValueError, match=f"takes no {next(iter(kwargs))}: the model computes"):
+            model.compile(**kwargs)
+    with pytest.warns(UserWarning, match="steps_per_epoch set the default SGD's"):
+        model.compile(optimizer=keras.optimizers.SGD(0.01), steps_per_epoch=10)
+    with pytest.warns(UserWarning, match="own weight_decay=0.004"):
+        model.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    model.compile()
+    images, y = synthetic_batch(n=2)
+    with pytest.raises(ValueError, match="takes no sample weights"):
+        model.fit(images, y, sample_weight=np.ones(2), batch_size=2, verbose=0)
+
+
 def test_zero_instance_batch_trains_without_nan():
     images, y = synthetic_batch(n=2)
     y = {"gt_masks": np.zeros_like(y["gt_masks"]), "gt_labels": -np.ones_like(y["gt_labels"])}

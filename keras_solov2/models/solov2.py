@@ -1,6 +1,7 @@
 """`SOLOv2`: the model, its training step (targets, focal + dice loss) and inference."""
 
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -31,6 +32,9 @@ from keras_solov2.models.mask_feature_head import SOLOv2MaskFeatureHead
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISOR = 32
+# Keras's compile arguments for a loss computed from `y` and `y_pred`: SOLOv2
+# computes its own.
+_KERAS_LOSS_ARGUMENTS = ("loss", "loss_weights", "metrics", "weighted_metrics")
 
 
 @keras.saving.register_keras_serializable(package="keras_solov2")
@@ -712,9 +716,34 @@ class SOLOv2(keras.Model):
 
         A built model's optimizer is built here, for its trainable variables
         at this point: set `trainable` (e.g. freeze the backbone) before
-        compiling, as Keras asks.
+        compiling, as Keras asks. The model computes its own loss and
+        metrics: `loss=` and `metrics=` are errors. The compile settings
+        and the optimizer's state are saved in `.keras` files and restored
+        by `keras.saving.load_model`, so training resumes from a loaded
+        model where it stopped.
         """
         from keras_solov2.schedules import SCHEDULES, WarmupMultiStepDecay, solov2_schedule
+
+        given = sorted(k for k in _KERAS_LOSS_ARGUMENTS if kwargs.get(k) is not None)
+        if given:
+            raise ValueError(
+                f"SOLOv2.compile() takes no {', '.join(given)}: the model computes mmdet's focal + dice "
+                "loss itself and reports loss, loss_cls and loss_mask (mask AP: the COCOMaskMAP callback)."
+            )
+        kwargs = {k: v for k, v in kwargs.items() if k not in _KERAS_LOSS_ARGUMENTS}
+        if optimizer is not None:
+            ignored = [name for name, value, default in (
+                ("global_batch_size", global_batch_size, None), ("steps_per_epoch", steps_per_epoch, None),
+                ("schedule", schedule, "1x")) if value != default]
+            if ignored:
+                warnings.warn(f"compile(): {', '.join(ignored)} set the default SGD's learning-rate "
+                              "schedule; they are ignored with your optimizer.", stacklevel=2)
+            own_decay = getattr(optimizer, "weight_decay", None)
+            if own_decay and weight_decay:
+                warnings.warn(
+                    f"compile(): the optimizer has its own weight_decay={own_decay}, and compile's "
+                    f"weight_decay={weight_decay} (mmdet's L2 term on the gradients) is added as well; "
+                    "pass weight_decay=0 to use only the optimizer's.", stacklevel=2)
 
         global_batch_size = positive_int("global_batch_size", global_batch_size, allow_none=True)
         steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
@@ -750,8 +779,29 @@ class SOLOv2(keras.Model):
             self.optimizer.build(self.trainable_variables)
         self._compiled_trainable = {id(v) for v in self.trainable_variables} if self.built else None
 
+    def get_compile_config(self):
+        """Keras's compile config (the optimizer, `jit_compile`, ...) and this
+        model's own `compile` arguments, saved in `.keras` files."""
+        config = super().get_compile_config()
+        if config:
+            config = {k: v for k, v in config.items() if k not in _KERAS_LOSS_ARGUMENTS}
+            config.update(weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm,
+                          micro_batch_size=getattr(self, "micro_batch_size", None))
+        return config
+
+    def compile_from_config(self, config):
+        """Re-compiles a loaded model as it was saved; `load_model` then
+        restores the optimizer's variables (step count, momentum)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**{k: v for k, v in config.items() if k not in _KERAS_LOSS_ARGUMENTS})
+
     @staticmethod
     def _unpack(data):
+        if isinstance(data, (tuple, list)) and len(data) > 2 and data[2] is not None:
+            raise ValueError(
+                "SOLOv2 takes no sample weights (fit's sample_weight or class_weight): its focal and "
+                "dice losses are normalised by the batch's positive grid cells, as mmdet's."
+            )
         x, y = data[0], data[1] if isinstance(data, (tuple, list)) and len(data) > 1 else None
         images = x["images"] if isinstance(x, dict) else x
         return images, y
