@@ -6,25 +6,36 @@ import os
 import sys
 from pathlib import Path
 
+from keras_solov2.atomic_files import write_file_atomically
 
-def _load_model(spec, num_classes=None, **overrides):
-    """A model from a `.keras` file, a preset (name, folder or .pth) or an architecture name."""
+
+def _load_model(spec, num_classes=None, class_names=None):
+    """A model from a `.keras` file, a preset (name, folder or .pth) or an
+    architecture name; with `num_classes`, for data of that many classes (a
+    trained model of another count gets a new class-logit conv, as
+    `from_preset(..., num_classes=K)` gives it)."""
     from keras_solov2.models import ARCHITECTURES, SOLOv2
+    from keras_solov2.models.presets import PRESETS
 
-    if spec.endswith(".keras"):
+    path = Path(spec).expanduser()
+    if spec in ARCHITECTURES:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes, "class_names": class_names}
+        return SOLOv2.from_architecture(spec, **kwargs)
+    if spec not in PRESETS and not path.exists():
+        raise ValueError(f"--model {spec!r} is neither a file or folder nor a name: architectures "
+                         f"{sorted(ARCHITECTURES)}, presets {sorted(PRESETS)}.")
+    if path.suffix == ".keras":
         import keras
 
-        if not Path(spec).is_file():
-            raise SystemExit(f"error: model file {spec} does not exist.")
-        return keras.saving.load_model(spec, safe_mode=True)
-    if spec in ARCHITECTURES:
-        kwargs = dict(overrides)
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        return SOLOv2.from_architecture(spec, **kwargs)
-    if not hasattr(SOLOv2, "from_preset"):
-        raise SystemExit(f"error: {spec!r} is not a .keras file nor one of {sorted(ARCHITECTURES)}.")
-    return SOLOv2.from_preset(spec, num_classes=num_classes, **overrides)
+        model = keras.saving.load_model(path, safe_mode=True)
+        if num_classes is not None and num_classes != model.num_classes:
+            print(f"{spec} has {model.num_classes} classes, the data {num_classes}: "
+                  "training a new class-logit conv, every other weight kept")
+            return SOLOv2.from_preset(spec, num_classes=num_classes, class_names=class_names)
+        if class_names is not None:
+            model.class_names = list(class_names)
+        return model
+    return SOLOv2.from_preset(spec, num_classes=num_classes, class_names=class_names)
 
 
 def _image_files(paths):
@@ -36,13 +47,13 @@ def _image_files(paths):
         elif p.is_file():
             files.append(p)
         else:
-            raise SystemExit(f"error: {p} is neither an image file nor a folder.")
+            raise FileNotFoundError(f"{p} is neither an image file nor a folder.")
     if not files:
-        raise SystemExit(f"error: no images found in {', '.join(map(str, paths))}.")
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}.")
     return files
 
 
-def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, category_ids=None):
+def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, category_ids=None, image_ids=None):
     """Predicts each image at its own size; writes `<stem>.png` overlays and `results.json`.
 
     Args:
@@ -50,10 +61,18 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, categ
             Default: the COCO ids for a model with the 80 COCO classes (the
             presets), otherwise the contiguous label itself (pass the ids of
             your annotation file, e.g. `describe(...).category_ids`).
+        image_ids: optional file name → COCO `image_id` (an annotation
+            file's), so that the results can be scored against it; files
+            not in it get their index in `files`.
 
     Returns:
-        The COCO-style result dicts (`image_id` = file index, `file_name`,
-        `category_id`, `label`, `category_name`, `score`, RLE `segmentation`).
+        The COCO-style result dicts (`image_id`, `file_name`, `category_id`,
+        `label`, `category_name`, `score`, RLE `segmentation`).
+
+    Raises:
+        ValueError: after the others are done and `results.json` written,
+            naming the files that are not readable images (each is also
+            reported on stderr as it is skipped).
     """
     import numpy as np
     import tensorflow as tf
@@ -70,9 +89,15 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, categ
         category_ids = COCO_CATEGORY_IDS if names == COCO_CLASSES else list(range(model.num_classes))
     # One graph for every image size (predict_step pads to /32 inside).
     predict = tf.function(model.predict_step, reduce_retracing=True)
-    results = []
+    results, unreadable = [], []
     for i, f in enumerate(files):
-        image = np.asarray(Image.open(f).convert("RGB"))
+        try:
+            with Image.open(f) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:  # not an image, truncated, unsupported mode
+            print(f"{f}: skipped, not a readable image ({e})", file=sys.stderr)
+            unreadable.append(str(f))
+            continue
         out = predict(tf.constant(image[None], tf.float32))
         n = int(out["num_detections"][0])
         scores = np.asarray(out["scores"][0, :n])
@@ -80,29 +105,35 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, categ
         masks = np.asarray(out["masks"][0, :n])[keep]
         labels = np.asarray(out["labels"][0, :n])[keep]
         draw_instances(image, masks, labels, scores[keep], names).save(out_dir / f"{f.stem}.png")
-        for r, label in zip(encode_instances(masks, scores[keep], labels, i, category_ids), labels):
+        image_id = image_ids.get(f.name, i) if image_ids else i
+        for r, label in zip(encode_instances(masks, scores[keep], labels, image_id, category_ids), labels):
             r["file_name"] = f.name
             r["label"] = int(label)
             if names:
                 r["category_name"] = names[int(label)]
             results.append(r)
         print(f"{f.name}: {int(keep.sum())} instances (score >= {score_thr})")
-    (out_dir / "results.json").write_text(json.dumps(results))
+    write_file_atomically(lambda tmp, **_: Path(tmp).write_text(json.dumps(results)), out_dir / "results.json")
+    if unreadable:
+        raise ValueError(f"{len(unreadable)} of {len(files)} files are not readable images and were skipped: "
+                         f"{', '.join(unreadable)} (the results of the others are written)")
     return results
 
 
 def _cmd_predict(args):
+    files = _image_files(args.images)
     model = _load_model(args.model)
-    category_ids = None
+    category_ids = image_ids = None
     if args.annotations:
-        from keras_solov2.data.coco_folder import describe
+        from keras_solov2.data.coco_folder import load_coco
 
-        info = describe(args.annotations, ".")
-        if info.num_classes != model.num_classes:
-            raise SystemExit(f"error: {args.annotations} has {info.num_classes} categories, the model "
+        coco = load_coco(args.annotations)
+        category_ids = sorted(coco.cats)  # contiguous labels in category-id order, as `describe`
+        if len(category_ids) != model.num_classes:
+            raise ValueError(f"{args.annotations} has {len(category_ids)} categories, the model "
                              f"{model.num_classes} classes.")
-        category_ids = info.category_ids
-    predict_images(model, _image_files(args.images), args.output, args.score_thr, category_ids=category_ids)
+        image_ids = {Path(im["file_name"]).name: image_id for image_id, im in coco.imgs.items()}
+    predict_images(model, files, args.output, args.score_thr, category_ids=category_ids, image_ids=image_ids)
     print(f"wrote overlays and results.json to {args.output}")
 
 
@@ -116,7 +147,7 @@ def _cmd_assign(args):
     image = np.asarray(Image.open(args.image).convert("RGB"))
     ids = np.asarray(Image.open(args.instance_mask))
     if ids.ndim != 2 or ids.shape != image.shape[:2]:
-        raise SystemExit(f"error: {args.instance_mask} must be a single-channel id map of the image's size.")
+        raise ValueError(f"{args.instance_mask} must be a single-channel id map of the image's size.")
     labels = [k for k in np.unique(ids) if k != 0]
     masks = np.stack([(ids == k).astype(np.uint8) for k in labels]) if labels else np.zeros((0,) + ids.shape, np.uint8)
     visualize_assignment(model, image, masks, np.zeros(len(labels), np.int32)).save(args.output)
@@ -148,7 +179,8 @@ def main(argv=None):
     p.add_argument("--output", default="predictions")
     p.add_argument("--score-thr", type=float, default=0.3)
     p.add_argument("--annotations", default=None,
-                   help="COCO JSON whose category ids the results use (default: COCO ids for COCO presets)")
+                   help="COCO JSON whose category ids (default: COCO ids for COCO presets) and, by file "
+                        "name, image ids the results use")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("assign", help="picture of the grid cells each instance is assigned to")
@@ -172,7 +204,14 @@ def main(argv=None):
         pass
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        # Bad input (a file, a field, an option) is named in the message; its
+        # traceback would only bury it. KERAS_SOLOV2_TRACEBACK=1 shows it.
+        if os.environ.get("KERAS_SOLOV2_TRACEBACK"):
+            raise
+        parser.exit(1, f"keras-solov2 {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

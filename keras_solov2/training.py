@@ -13,6 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from keras_solov2.atomic_files import write_file_atomically
 from keras_solov2.checks import positive_int
 
 
@@ -34,7 +35,7 @@ def _scale(text):
     except ValueError:
         pairs = []
     if not pairs or any(len(p) != 2 for p in pairs):
-        raise SystemExit(f"--scale {text!r}: expected LONG,SHORT or LONG,SHORT;LONG,SHORT;...")
+        raise ValueError(f"--scale {text!r}: expected LONG,SHORT or LONG,SHORT;LONG,SHORT;...")
     return pairs[0] if len(pairs) == 1 else pairs
 
 
@@ -103,24 +104,31 @@ def _positive_int(text):
 def _pair(text):
     if text is None:
         return None
-    a, b = text.split(",")
-    return (float(a), float(b)) if "." in text else (int(a), int(b))
+    try:
+        a, b = text.split(",")
+        return (float(a), float(b)) if "." in text else (int(a), int(b))
+    except ValueError:
+        raise ValueError(f"--crop-size {text!r}: expected two numbers, H,W (pixels) or h,w (fractions).") from None
 
 
 def _cmd_train(args):
     from keras_solov2.cli import _load_model
     from keras_solov2.data.coco_folder import describe, split_ids
 
+    scale, crop_size = _scale(args.scale), _pair(args.crop_size)  # the options first: they fail fast
     info = describe(args.annotations, args.images)
     train_ids, val_ids = split_ids(info.image_ids, args.val_fraction, args.seed)
     model = _load_model(args.model, num_classes=info.num_classes, class_names=info.class_names)
     print(f"{len(train_ids)} training / {len(val_ids)} validation images, {info.num_classes} classes")
-    train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
-          _scale(args.scale), args.max_instances, args.schedule,
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(lambda tmp, **_: Path(tmp).write_text(json.dumps({"train": train_ids, "val": val_ids})),
+                          out / "split.json")
+    train(model, info, train_ids, val_ids, out, args.epochs, args.batch_size,
+          scale, args.max_instances, args.schedule,
           steps_per_epoch=args.steps_per_epoch, seed=args.seed, eval_every=args.eval_every,
-          crop_size=_pair(args.crop_size), crop_type=args.crop_type, photometric_distortion=args.photometric,
+          crop_size=crop_size, crop_type=args.crop_type, photometric_distortion=args.photometric,
           micro_batch_size=args.micro_batch_size)
-    (Path(args.output) / "split.json").write_text(json.dumps({"train": train_ids, "val": val_ids}))
 
 
 def _cmd_evaluate(args):
@@ -128,9 +136,10 @@ def _cmd_evaluate(args):
     from keras_solov2.data.coco_folder import describe, make_dataset
     from keras_solov2.evaluation import evaluate_coco
 
+    scale = _scale(args.scale)
     info = describe(args.annotations, args.images)
     model = _load_model(args.model)
-    ds = make_dataset(info, scale=_scale(args.scale), batch_size=args.batch_size,
+    ds = make_dataset(info, scale=scale, batch_size=args.batch_size,
                       max_instances=args.max_instances, training=False)
     stats = evaluate_coco(model, ds, info.annotation_file, info.label_to_category_id, verbose=True)
     print(json.dumps({"mask_" + k: v for k, v in stats.items()}, indent=1))
@@ -159,7 +168,8 @@ def add_subcommands(sub):
                    help="images per forward/backward pass within a step: the same update as the whole "
                         "batch in less memory (needs norm_eval, as the presets have)")
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of the images held out for the validation mask AP, in [0, 1) (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop-size", default=None,
                    help="random crop H,W before the resize (pixels, or fractions with --crop-type relative*)")

@@ -1,4 +1,5 @@
-"""`keras-solov2 predict` on image files: overlays and a COCO results JSON; the count options' checks."""
+"""`keras-solov2 predict` on image files: overlays and a COCO results JSON; bad
+input as one-line errors; the count options' checks; `--model` resolution."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 import keras_solov2  # noqa: F401
-from keras_solov2.cli import main
+from keras_solov2.cli import _load_model, main
 from tests.test_model import tiny_model
 
 
@@ -50,3 +51,73 @@ def test_count_options_reject_values_below_one(capsys, command, option):
         main(args)
     assert exit_info.value.code == 2
     assert f"{option}: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_predict_skips_unreadable_files_by_name_and_scores_by_the_annotation_ids(tmp_path, capsys):
+    model = tiny_model(class_names=["a", "b", "c"], max_per_img=5)
+    bias = model.instance_head.conv_cls.bias
+    bias.assign(np.zeros(bias.shape, "float32"))
+    model.save(tmp_path / "m.keras")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(images / "good.png")
+    (images / "broken.png").write_text("not an image")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / "cut.jpg")
+    (images / "cut.jpg").write_bytes((images / "cut.jpg").read_bytes()[:400])
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 31, "file_name": "sub/good.png", "height": 70, "width": 90}],
+                               "annotations": [], "categories": [{"id": k, "name": n} for k, n in
+                                                                 [(1, "a"), (2, "b"), (3, "c")]]}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(images), "--model", str(tmp_path / "m.keras"), "--output", str(out),
+              "--score-thr", "0.0", "--annotations", str(ann)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{images / 'broken.png'}: skipped, not a readable image" in err
+    assert f"{images / 'cut.jpg'}: skipped, not a readable image (Truncated File Read)" in err
+    assert err.strip().splitlines()[-1] == (
+        f"keras-solov2 predict: error: 2 of 3 files are not readable images and were skipped: "
+        f"{images / 'broken.png'}, {images / 'cut.jpg'} (the results of the others are written)")
+    assert sorted(p.name for p in out.iterdir()) == ["good.png", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert results and {r["image_id"] for r in results} == {31}  # the annotation file's id, by file name
+
+
+def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 2, "width": 2}],
+                               "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "iscrowd": "yes",
+                                                "segmentation": [[0, 0, 1, 0, 1, 1]]}],
+                               "categories": [{"id": 1, "name": "a"}]}))
+    for args, message in [
+        (["evaluate", "--annotations", str(ann), "--images", str(tmp_path), "--model", "solov2_light_r18"],
+         f"keras-solov2 evaluate: error: {ann}: annotation 5 has iscrowd 'yes'; expected 0 or 1."),
+        (["train", "--annotations", str(ann), "--images", str(tmp_path), "--scale", "800"],
+         "keras-solov2 train: error: --scale '800': expected LONG,SHORT or LONG,SHORT;LONG,SHORT;..."),
+        (["predict", str(tmp_path / "none"), "--model", "solov2_light_r18"],
+         f"keras-solov2 predict: error: {tmp_path / 'none'} is neither an image file nor a folder."),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and "Traceback" not in err
+        assert err.strip().splitlines()[-1] == message
+
+
+def test_model_option_names_what_it_accepts_and_fits_a_saved_model_to_the_data(tmp_path):
+    with pytest.raises(ValueError, match=r"--model 'solov2_lite_r18' is neither a file or folder nor a name: "
+                                         r"architectures \[.*'solov2_light_r18'.*\], presets \[.*'resnet50_coco'"):
+        _load_model("solov2_lite_r18")
+    model = tiny_model(class_names=["a", "b", "c"])
+    model.save(tmp_path / "m.keras")
+    # `train --model m.keras` on data of one class: a new class-logit conv, every other weight kept.
+    one = _load_model(str(tmp_path / "m.keras"), num_classes=1, class_names=["person"])
+    assert one.num_classes == 1 and one.class_names == ["person"]
+    np.testing.assert_array_equal(np.asarray(one.mask_feature_head.weights[0]),
+                                  np.asarray(model.mask_feature_head.weights[0]))
+    same = _load_model(str(tmp_path / "m.keras"), num_classes=3, class_names=["x", "y", "z"])
+    assert same.num_classes == 3 and same.class_names == ["x", "y", "z"]

@@ -97,6 +97,11 @@ def load_coco(annotation_file):
             raise ValueError(f"{path}: annotation {ann.get('id')} has unknown category_id {ann.get('category_id')}.")
         if ann.get("image_id") not in coco.imgs:
             raise ValueError(f"{path}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')}.")
+        # Training reads any true value as crowd; pycocotools' evaluation
+        # only the number 1: anything else would mean two things.
+        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd", 0), (str, float)):
+            raise ValueError(f"{path}: annotation {ann.get('id')} has iscrowd {ann.get('iscrowd')!r}; "
+                             "expected 0 or 1.")
     return coco
 
 
@@ -125,11 +130,16 @@ def describe(annotation_file, image_root, image_ids=None):
 
 
 def split_ids(image_ids, val_fraction=0.2, seed=0):
-    """Deterministic train/validation split of image ids."""
+    """Deterministic train/validation split of image ids: `val_fraction` of
+    them (at least one when it is above 0; none at 0) for validation."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}.")
     ids = np.array(sorted(image_ids))
     rng = np.random.default_rng(seed)
     rng.shuffle(ids)
-    n_val = max(1, int(round(len(ids) * val_fraction)))
+    n_val = max(1, int(round(len(ids) * val_fraction))) if val_fraction > 0 else 0
+    if n_val >= len(ids):
+        raise ValueError(f"val_fraction={val_fraction} of {len(ids)} images leaves none for training.")
     return sorted(ids[n_val:].tolist()), sorted(ids[:n_val].tolist())
 
 
@@ -417,6 +427,10 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     ids = list(info.image_ids if image_ids is None else image_ids)
     if not ids:
         raise ValueError(f"{info.annotation_file}: no images to make a dataset of (image_ids is empty).")
+    unknown = [i for i in ids if i not in coco.imgs]
+    if unknown:
+        raise ValueError(f"{info.annotation_file} has no image with id {unknown[0]}"
+                         f"{f' (nor {len(unknown) - 1} other requested ids)' if len(unknown) > 1 else ''}.")
     if training and steps_per_epoch is None and len(ids) < batch_size:
         # Training drops the last partial batch: an epoch would have no step.
         raise ValueError(

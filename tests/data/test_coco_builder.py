@@ -132,6 +132,8 @@ def test_tfds_builder_errors_name_the_file_and_annotation(tmp_path):
          r"annotation 8 refers to unknown image_id 5"),
         ("polygon", [image], [dict(poly, id=9, image_id=1, category_id=1, segmentation=[1, 1, 10, 1, 10, 10])],
          ValueError, r"annotation 9 \(image 1\): segmentation is a flat list"),
+        ("iscrowd", [image], [dict(poly, id=10, image_id=1, category_id=1, iscrowd="yes")], ValueError,
+         r"annotation 10 has iscrowd 'yes'; expected 0 or 1"),
     ]
     for name, images, anns, err, pattern in cases:
         folder = tmp_path / name / "images"

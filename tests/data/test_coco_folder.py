@@ -26,6 +26,11 @@ def test_describe_real_coco_subset(coco_mini):
     assert len(coco.dataset["annotations"]) == 1444
     train, val = split_ids(info.image_ids, 0.2)
     assert len(val) == 32 and not set(train) & set(val) and sorted(train + val) == info.image_ids
+    assert split_ids(info.image_ids, 0.0) == (info.image_ids, [])  # no validation
+    assert len(split_ids(info.image_ids, 0.001)[1]) == 1
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
+            split_ids(info.image_ids, bad)
 
 
 def test_masks_equal_pycocotools_and_stay_aligned(coco_mini):
@@ -352,6 +357,7 @@ def test_bad_counts_and_too_few_images_are_named(tmp_path):
         (dict(image_ids=[]), r"ann\.json: no images"),
         # One image, batches of 2 with the remainder dropped: epochs of no step.
         (dict(batch_size=2), r"ann\.json: 1 training images, fewer than batch_size=2"),
+        (dict(image_ids=[1, 42, 43], batch_size=2), r"ann\.json has no image with id 42 \(nor 1 other"),
     ]:
         with pytest.raises(ValueError, match=message):
             make_dataset(info, scale=(30, 20), **args)
