@@ -48,6 +48,7 @@ from keras_solov2.data.transforms import (  # noqa: F401  (re-exported: the pipe
     PIXEL_MEAN,
     PhotoMetricDistortion,
     check_crop,
+    check_pad_to,
     default_pad,
     normalise_scales,
     resize_flip_pad,
@@ -423,6 +424,12 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
     positive_int("batch_size", batch_size)
     positive_int("max_instances", max_instances)
     positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
+    # The arguments first, before any file is read.
+    scales = normalise_scales(scale)
+    pad_to = check_pad_to(pad_to)
+    if crop_size is not None:
+        check_crop(crop_size, crop_type)
+    photometric = PhotoMetricDistortion.from_arg(photometric_distortion)
     coco = load_coco(info.annotation_file)
     ids = list(info.image_ids if image_ids is None else image_ids)
     if not ids:
@@ -439,10 +446,6 @@ def make_dataset(info, image_ids=None, scale=(1333, 800), pad_to=None, batch_siz
         )
     validate_images(coco, info, ids)
     check_annotations(coco, ids, info.annotation_file)
-    scales = normalise_scales(scale)
-    if crop_size is not None:
-        check_crop(crop_size, crop_type)
-    photometric = PhotoMetricDistortion.from_arg(photometric_distortion)
     n = len(ids)
     if steps_per_epoch is None:
         steps_per_epoch = n // batch_size if training else -(-n // batch_size)
@@ -575,6 +578,7 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
     positive_int("batch_size", batch_size)
     positive_int("max_instances", max_instances)
     scales = normalise_scales(scale)
+    pad_to = check_pad_to(pad_to)
     if crop_size is not None:
         check_crop(crop_size, crop_type)
     photometric = PhotoMetricDistortion.from_arg(photometric_distortion)

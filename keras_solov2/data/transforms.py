@@ -47,6 +47,8 @@ def normalise_scales(scale):
     Either order is accepted inside a pair (`(1333, 800)` and `(800, 1333)`
     mean the same keep-ratio target, as in mmdet).
     """
+    if isinstance(scale, (str, bytes)) or not hasattr(scale, "__len__"):
+        raise ValueError(f"scale: {scale!r} is not (long, short) nor a list of (long, short) pairs.")
     pairs = [scale] if len(scale) == 2 and all(isinstance(v, numbers.Real) for v in scale) else list(scale)
     if not pairs:
         raise ValueError("scale: expected (long, short) or a non-empty list of (long, short) pairs.")
@@ -57,6 +59,18 @@ def normalise_scales(scale):
             raise ValueError(f"scale: {pair!r} is not a (long, short) pair of positive sizes.")
         out.append((int(max(pair)), int(min(pair))))
     return out
+
+
+def check_pad_to(pad_to):
+    """`pad_to` as an `(H, W)` int pair of positive multiples of 32 (the
+    model's size divisor), or None."""
+    if pad_to is None:
+        return None
+    if (isinstance(pad_to, (str, bytes)) or not hasattr(pad_to, "__len__") or len(pad_to) != 2
+            or not all(isinstance(v, numbers.Integral) and v > 0 and v % 32 == 0 for v in pad_to)):
+        raise ValueError(f"pad_to {pad_to!r}: expected (H, W), positive multiples of 32 pixels "
+                         "(e.g. default_pad(scale)).")
+    return tuple(int(v) for v in pad_to)
 
 
 def default_pad(scale):

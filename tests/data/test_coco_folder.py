@@ -358,9 +358,11 @@ def test_bad_counts_and_too_few_images_are_named(tmp_path):
         # One image, batches of 2 with the remainder dropped: epochs of no step.
         (dict(batch_size=2), r"ann\.json: 1 training images, fewer than batch_size=2"),
         (dict(image_ids=[1, 42, 43], batch_size=2), r"ann\.json has no image with id 42 \(nor 1 other"),
+        (dict(scale=320), r"scale: 320 is not \(long, short\)"),  # was a TypeError from len()
+        (dict(pad_to=(100, 96)), r"pad_to \(100, 96\): expected \(H, W\), positive multiples of 32"),
     ]:
         with pytest.raises(ValueError, match=message):
-            make_dataset(info, scale=(30, 20), **args)
+            make_dataset(info, **{"scale": (30, 20), **args})
     # Evaluation keeps the partial batch, and steps_per_epoch repeats the images.
     assert len(list(make_dataset(info, scale=(30, 20), batch_size=2, training=False))) == 1
     assert len(list(make_dataset(info, scale=(30, 20), batch_size=2, steps_per_epoch=3))) == 3
