@@ -82,6 +82,8 @@ def load_coco(annotation_file):
     from pycocotools.coco import COCO
 
     path = Path(annotation_file)
+    if path.is_dir():
+        raise IsADirectoryError(f"annotation file {path} is a folder; expected a COCO instances JSON file.")
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} does not exist.")
     try:

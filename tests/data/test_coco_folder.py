@@ -350,6 +350,8 @@ def test_bad_counts_and_too_few_images_are_named(tmp_path):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
     ann = _write(tmp_path, [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}], [])
     info = describe(ann, tmp_path)
+    with pytest.raises(IsADirectoryError, match=r"annotation file .* is a folder; expected a COCO instances JSON"):
+        describe(tmp_path, tmp_path)
     for args, message in [
         (dict(batch_size=0), "batch_size must be a positive int, got 0"),  # was a ZeroDivisionError
         (dict(max_instances=0), "max_instances must be a positive int, got 0"),
