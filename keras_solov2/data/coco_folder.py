@@ -642,7 +642,9 @@ def _finished(ds):
     with TensorFlow 2.21, `keras-solov2 train` on `coco_train_mini`
     (12 steps at 768×512) hung 24–35 s at the end of `fit` in 8 of 9 runs
     (58–59 s instead of 33–34 s without the validation callback), in none
-    of 6 with the model off, whose steps took as long. Without the model,
+    of 6 with the model off, whose steps took as long; the demo's pipeline
+    (slices in memory, batched) began some epochs 9–10 s late, after the
+    last epoch's iterator, and never with the model off. Without the model,
     `num_parallel_calls=AUTOTUNE` is the number of cores (at most 16) and
     the prefetch buffer is still sized as the consumer waits.
     A later `ds.with_options(...)` can turn it back on.
