@@ -15,7 +15,7 @@ def _load_model(spec, num_classes=None, class_names=None):
     trained model of another count gets a new class-logit conv, as
     `from_preset(..., num_classes=K)` gives it)."""
     from keras_solov2.models import ARCHITECTURES, SOLOv2
-    from keras_solov2.models.presets import PRESETS
+    from keras_solov2.models.presets import PRESETS, _with_num_classes
 
     path = Path(spec).expanduser()
     if spec in ARCHITECTURES:
@@ -31,7 +31,7 @@ def _load_model(spec, num_classes=None, class_names=None):
         if num_classes is not None and num_classes != model.num_classes:
             print(f"{spec} has {model.num_classes} classes, the data {num_classes}: "
                   "training a new class-logit conv, every other weight kept")
-            return SOLOv2.from_preset(spec, num_classes=num_classes, class_names=class_names)
+            return _with_num_classes(model, num_classes, class_names)
         if class_names is not None:
             model.class_names = list(class_names)
         return model

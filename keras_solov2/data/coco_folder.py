@@ -102,9 +102,9 @@ def load_coco(annotation_file):
             raise ValueError(f"{path}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')}.")
         # Training reads any true value as crowd; pycocotools' evaluation
         # only the number 1: anything else would mean two things.
-        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd", 0), (str, float)):
-            raise ValueError(f"{path}: annotation {ann.get('id')} has iscrowd {ann.get('iscrowd')!r}; "
-                             "expected 0 or 1.")
+        crowd = ann.get("iscrowd", 0)
+        if isinstance(crowd, (str, float)) or crowd not in (0, 1):
+            raise ValueError(f"{path}: annotation {ann.get('id')} has iscrowd {crowd!r}; expected 0 or 1.")
     return coco
 
 

@@ -784,7 +784,6 @@ class SOLOv2(keras.Model):
         model's own `compile` arguments, saved in `.keras` files."""
         config = super().get_compile_config()
         if config:
-            config = {k: v for k, v in config.items() if k not in _KERAS_LOSS_ARGUMENTS}
             config.update(weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm,
                           micro_batch_size=getattr(self, "micro_batch_size", None))
         return config
@@ -792,8 +791,7 @@ class SOLOv2(keras.Model):
     def compile_from_config(self, config):
         """Re-compiles a loaded model as it was saved; `load_model` then
         restores the optimizer's variables (step count, momentum)."""
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**{k: v for k, v in config.items() if k not in _KERAS_LOSS_ARGUMENTS})
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     @staticmethod
     def _unpack(data):
