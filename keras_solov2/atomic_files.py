@@ -34,6 +34,13 @@ def write_file_atomically(save_fn, filepath, overwrite=True, **kwargs):
             os.remove(tmp)
 
 
+def write_json_atomically(filepath, obj, indent=None):
+    """Writes `obj` as JSON to `filepath` through `write_file_atomically`."""
+    import json
+
+    write_file_atomically(lambda tmp, **_: Path(tmp).write_text(json.dumps(obj, indent=indent)), filepath)
+
+
 def write_directory_atomically(directory, write):
     """Calls `write(tmp)` on a new sibling folder, then renames it to `directory`.
 

@@ -1,12 +1,11 @@
 """`keras-solov2` command line: demo, train, evaluate, predict, import, convert, assign."""
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from keras_solov2.atomic_files import write_file_atomically
+from keras_solov2.atomic_files import write_json_atomically
 
 
 def _load_model(spec, num_classes=None, class_names=None):
@@ -113,7 +112,7 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, categ
                 r["category_name"] = names[int(label)]
             results.append(r)
         print(f"{f.name}: {int(keep.sum())} instances (score >= {score_thr})")
-    write_file_atomically(lambda tmp, **_: Path(tmp).write_text(json.dumps(results)), out_dir / "results.json")
+    write_json_atomically(out_dir / "results.json", results)
     if unreadable:
         raise ValueError(f"{len(unreadable)} of {len(files)} files are not readable images and were skipped: "
                          f"{', '.join(unreadable)} (the results of the others are written)")

@@ -9,7 +9,6 @@ pycocotools' COCO mask mAP on held-out images, and its predictions are
 written as PNG overlays.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -107,6 +106,7 @@ def run_demo(output_dir="solov2_demo", epochs=10, num_train=192, num_val=48, bat
     import keras
     import tensorflow as tf
 
+    from keras_solov2.atomic_files import write_json_atomically
     from keras_solov2.data.coco_folder import _finished
     from keras_solov2.evaluation import evaluate_coco
     from keras_solov2.schedules import WarmupMultiStepDecay
@@ -157,7 +157,7 @@ def run_demo(output_dir="solov2_demo", epochs=10, num_train=192, num_val=48, bat
         draw_instances(va[0][i], pred["masks"][i, :n][keep], pred["labels"][i, :n][keep],
                        pred["scores"][i, :n][keep], CLASS_NAMES).resize((256, 256)).save(out / f"val_{i}.png")
     model.save(out / "model.keras")
-    (out / "metrics.json").write_text(json.dumps(
-        {"mask_AP": stats, "train_seconds": train_time, "total_seconds": time.time() - start}, indent=1))
+    write_json_atomically(out / "metrics.json", {
+        "mask_AP": stats, "train_seconds": train_time, "total_seconds": time.time() - start}, indent=1)
     print(f"trained in {train_time:.0f} s; wrote {out}/val_*.png, model.keras, metrics.json")
     return stats

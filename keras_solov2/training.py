@@ -13,7 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from keras_solov2.atomic_files import write_file_atomically
+from keras_solov2.atomic_files import write_json_atomically
 from keras_solov2.checks import positive_int
 
 
@@ -120,11 +120,8 @@ def _cmd_train(args):
     train_ids, val_ids = split_ids(info.image_ids, args.val_fraction, args.seed)
     model = _load_model(args.model, num_classes=info.num_classes, class_names=info.class_names)
     print(f"{len(train_ids)} training / {len(val_ids)} validation images, {info.num_classes} classes")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(lambda tmp, **_: Path(tmp).write_text(json.dumps({"train": train_ids, "val": val_ids})),
-                          out / "split.json")
-    train(model, info, train_ids, val_ids, out, args.epochs, args.batch_size,
+    write_json_atomically(Path(args.output) / "split.json", {"train": train_ids, "val": val_ids})
+    train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
           scale, args.max_instances, args.schedule,
           steps_per_epoch=args.steps_per_epoch, seed=args.seed, eval_every=args.eval_every,
           crop_size=crop_size, crop_type=args.crop_type, photometric_distortion=args.photometric,

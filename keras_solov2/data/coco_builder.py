@@ -27,12 +27,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from keras_solov2.atomic_files import write_json_atomically
 from keras_solov2.data.coco_folder import (
     check_annotations,
     clean_segmentation,
@@ -145,9 +145,7 @@ class SOLOv2Coco(tfds.core.GeneratorBasedBuilder):
                 )
             if unchanged:
                 return
-        tmp = stamp.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**source, **file_state}, indent=1))
-        os.replace(tmp, stamp)
+        write_json_atomically(stamp, {**source, **file_state}, indent=1)
 
     def _info(self):
         return self.dataset_info_from_configs(

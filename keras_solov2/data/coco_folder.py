@@ -565,14 +565,13 @@ def make_tfds_dataset(ds, scale=(1333, 800), pad_to=None, batch_size=2, max_inst
 
     Crowd instances are left out of the targets; the first `max_instances`
     others are kept (a warning names each image over that, once). Every
-    random choice (scale, crop, flip, jitter) is
-    drawn statelessly from the seed `(seed, index in ds)`. Shuffle `ds`
-    (e.g. `tfds.load(..., shuffle_files=True)` / `ds.shuffle(n, seed)`)
-    before passing it for training. Without `pad_to`, training batches are
-    grouped by orientation as they arrive (`tf.data`'s `group_by_window`,
-    as mmdet's `AspectRatioBatchSampler`; the groups left unfilled at the
-    end of a finite `ds` make mixed batches, as mmdet's). The other
-    arguments are
+    random choice (scale, crop, flip, jitter) is drawn statelessly from the
+    seed `(seed, index in ds)`. Shuffle `ds` (e.g. `tfds.load(...,
+    shuffle_files=True)` / `ds.shuffle(n, seed)`) before passing it for
+    training. Without `pad_to`, training batches are grouped by orientation
+    as they arrive (`tf.data`'s `group_by_window`, as mmdet's
+    `AspectRatioBatchSampler`; the groups left unfilled at the end of a
+    finite `ds` make mixed batches, as mmdet's). The other arguments are
     `make_dataset`'s.
     """
     import tensorflow as tf

@@ -17,10 +17,11 @@ Formats (`FORMATS`):
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from keras_solov2.atomic_files import write_json_atomically
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -75,12 +76,8 @@ class _Writer:
         })
 
     def write(self):
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.out.parent, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"images": self.images, "annotations": self.annotations,
-                       "categories": self.categories}, f)
-        os.replace(tmp, self.out)
+        write_json_atomically(self.out, {"images": self.images, "annotations": self.annotations,
+                                         "categories": self.categories})
         for s in self.skipped:
             log.warning("skipped %s", s)
         return {"output": str(self.out), "image_root": str(self.image_root), "images": len(self.images),
