@@ -12,11 +12,17 @@ from keras_solov2.cli import _load_model, main
 from tests.test_model import tiny_model
 
 
-def test_predict_writes_overlays_and_results_with_category_ids(tmp_path):
+def save_detecting_model(path):
+    """A tiny 3-class model (`a`, `b`, `c`) saved to `path`, whose class
+    logits start at 0 (scores ~0.5): detections on random weights."""
     model = tiny_model(class_names=["a", "b", "c"], max_per_img=5)
     bias = model.instance_head.conv_cls.bias
-    bias.assign(np.zeros(bias.shape, "float32"))  # scores ~0.5: detections on random weights
-    model.save(tmp_path / "m.keras")
+    bias.assign(np.zeros(bias.shape, "float32"))
+    model.save(path)
+
+
+def test_predict_writes_overlays_and_results_with_category_ids(tmp_path):
+    save_detecting_model(tmp_path / "m.keras")
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -54,10 +60,7 @@ def test_count_options_reject_values_below_one(capsys, command, option):
 
 
 def test_predict_skips_unreadable_files_by_name_and_scores_by_the_annotation_ids(tmp_path, capsys):
-    model = tiny_model(class_names=["a", "b", "c"], max_per_img=5)
-    bias = model.instance_head.conv_cls.bias
-    bias.assign(np.zeros(bias.shape, "float32"))
-    model.save(tmp_path / "m.keras")
+    save_detecting_model(tmp_path / "m.keras")
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
