@@ -54,6 +54,11 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     `scale`, `crop_size`, `crop_type` and `photometric_distortion` are
     `make_dataset`'s; `micro_batch_size` is `SOLOv2.compile`'s (the same
     update from a batch's micro-batches, in less memory).
+
+    `output_dir` gets `split.json` (the image ids of each split, written
+    once every image has been checked, before training), `backup/`,
+    `log.csv`, `best.keras` (with validation images), `final.keras` and,
+    with tensorboard installed, `tensorboard/`.
     """
     import keras
 
@@ -61,14 +66,20 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     from keras_solov2.data.coco_folder import EpochTracker, make_dataset
     from keras_solov2.schedules import WarmupMultiStepDecay, solov2_schedule
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     steps = steps_per_epoch or max(1, len(train_ids) // batch_size)
     tracker = EpochTracker()
+    # Both datasets first: they check every image, and a run that stops on a
+    # missing or corrupt file should leave no output folder behind.
     train_ds = make_dataset(info, train_ids, scale=scale, batch_size=batch_size,
                             max_instances=max_instances, training=True, shuffle_seed=seed,
                             steps_per_epoch=steps, epoch_tracker=tracker, crop_size=crop_size,
                             crop_type=crop_type, photometric_distortion=photometric_distortion)
+    val_ds = make_dataset(info, val_ids, scale=scale, batch_size=batch_size, max_instances=max_instances,
+                          training=False) if val_ids else None
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out / "split.json", {"train": [int(i) for i in train_ids],
+                                                 "val": [int(i) for i in val_ids]})
     lr, default_epochs = solov2_schedule(batch_size, steps, schedule, base_lr, warmup_steps)
     if epochs != default_epochs:  # keep mmdet's milestones at the same fractions
         fractions = [m / (default_epochs * steps) for m in lr.milestones]
@@ -78,8 +89,6 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup")), tracker.as_callback(),
                  keras.callbacks.TerminateOnNaN()] + list(callbacks or [])
     if val_ids:
-        val_ds = make_dataset(info, val_ids, scale=scale, batch_size=batch_size,
-                              max_instances=max_instances, training=False)
         callbacks.append(COCOMaskMAP(val_ds, info.annotation_file, info.label_to_category_id,
                                      every_n_epochs=eval_every))
         callbacks.append(keras.callbacks.ModelCheckpoint(str(out / "best.keras"), monitor="val_mask_AP",
@@ -120,7 +129,6 @@ def _cmd_train(args):
     train_ids, val_ids = split_ids(info.image_ids, args.val_fraction, args.seed)
     model = _load_model(args.model, num_classes=info.num_classes, class_names=info.class_names)
     print(f"{len(train_ids)} training / {len(val_ids)} validation images, {info.num_classes} classes")
-    write_json_atomically(Path(args.output) / "split.json", {"train": train_ids, "val": val_ids})
     train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
           scale, args.max_instances, args.schedule,
           steps_per_epoch=args.steps_per_epoch, seed=args.seed, eval_every=args.eval_every,

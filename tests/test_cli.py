@@ -111,6 +111,29 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys):
         assert err.strip().splitlines()[-1] == message
 
 
+def test_train_on_a_missing_image_names_it_and_leaves_no_output_folder(tmp_path, capsys):
+    # Before: the output folder and its split.json were written before the images were checked.
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32},
+                   {"id": 2, "file_name": "gone.png", "height": 32, "width": 32}],
+        "annotations": [{"id": k, "image_id": k, "category_id": 1, "iscrowd": 0, "area": 64.0,
+                         "bbox": [4, 4, 8, 8], "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]]} for k in (1, 2)],
+        "categories": [{"id": 1, "name": "a"}]}))
+    tiny_model(num_classes=1, class_names=["a"]).save(tmp_path / "m.keras")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--annotations", str(ann), "--images", str(images), "--model", str(tmp_path / "m.keras"),
+              "--output", str(out), "--val-fraction", "0", "--batch-size", "1", "--scale", "64,32"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"keras-solov2 train: error: {ann}: image 2 file {images / 'gone.png'} does not exist.")
+    assert not out.exists()
+
+
 def test_model_option_names_what_it_accepts_and_fits_a_saved_model_to_the_data(tmp_path):
     with pytest.raises(ValueError, match=r"--model 'solov2_lite_r18' is neither a file or folder nor a name: "
                                          r"architectures \[.*'solov2_light_r18'.*\], presets \[.*'resnet50_coco'"):

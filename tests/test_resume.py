@@ -81,6 +81,7 @@ def test_sigkill_mid_epoch_resumes_to_the_same_weights(tmp_path):
     _write_dataset(data)
     steps, reference = _run(data, tmp_path / "straight")
     assert steps == list(range(1, 9))
+    assert json.loads((tmp_path / "straight" / "split.json").read_text()) == {"train": list(range(1, 7)), "val": []}
 
     out = tmp_path / "killed"
     steps, _ = _run(data, out, kill_at=5)  # epoch 3 of 4, after its first step
