@@ -178,6 +178,13 @@ def test_predict_pads_and_returns_input_size():
     assert out["scores"].shape == (2, 10) and out["num_detections"].shape == (2,)
 
 
+def test_the_pipeline_pads_with_the_pixel_the_model_normalises_to_zero():
+    # Two definitions, since data code never imports model code: padding must stay background.
+    from keras_solov2.data import transforms
+
+    assert transforms.PIXEL_MEAN == PIXEL_MEAN
+
+
 def test_summary_after_predict_names_every_layer():
     # Keras's summary asks each built layer for its output shape from the
     # shapes it was built with; a two-input layer must have recorded both.

@@ -34,6 +34,8 @@ segmentation masks like images.)
 import dataclasses
 import numbers
 
+# The model's mean pixel (`models/solov2.py`; data code never imports model
+# code, a test keeps the two equal): padding with it is 0 after normalising.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 CROP_TYPES = ("absolute", "absolute_range", "relative", "relative_range")
 
