@@ -202,12 +202,19 @@ def main(argv=None):
     except ImportError:  # pragma: no cover
         pass
 
-    args = parser.parse_args(argv)
+    return run_reporting_errors(parser, parser.parse_args(argv))
+
+
+def run_reporting_errors(parser, args):
+    """`args.func(args)`; bad input exits 1 with one line, `keras-solov2 CMD: error: …`.
+
+    Bad input (a file, a field, an option; a missing optional extra) is
+    named in the message; its traceback would only bury it.
+    `KERAS_SOLOV2_TRACEBACK=1` shows it.
+    """
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
-        # Bad input (a file, a field, an option) is named in the message; its
-        # traceback would only bury it. KERAS_SOLOV2_TRACEBACK=1 shows it.
+    except (ValueError, OSError, ImportError) as e:
         if os.environ.get("KERAS_SOLOV2_TRACEBACK"):
             raise
         parser.exit(1, f"keras-solov2 {args.command}: error: {e}\n")

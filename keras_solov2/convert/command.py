@@ -1,7 +1,6 @@
 """`keras-solov2 convert`: an mmdetection SOLOv2 checkpoint → a Keras preset or `.keras` file."""
 
 import argparse
-import sys
 
 DESCRIPTION = """\
 Convert an mmdetection SOLOv2 checkpoint into Keras. SOURCE is a .pth file
@@ -32,23 +31,25 @@ def add_convert_subcommand(subparsers):
 
 
 def run(args):
-    """Runs a parsed `convert` command; returns the exit status."""
+    """Runs a parsed `convert` command; returns 0.
+
+    Bad input (a missing file, an unknown checkpoint layout, torch not
+    installed, no network for a preset) raises `ValueError`, `OSError` or
+    `ImportError` with a message naming it, which `keras-solov2` prints as
+    one line.
+    """
     from keras_solov2.convert.mmdet_checkpoint import convert
     from keras_solov2.models import presets
 
-    try:
-        if args.source in presets.PRESETS:
-            if args.architecture or args.norm_groups:
-                raise ValueError("--architecture/--norm-groups apply to .pth files, not to named presets.")
-            spec = presets.PRESETS[args.source]
-            model = presets.convert_preset(args.source, presets.fetch_checkpoint(args.source))
-            what = f"{args.source} ({spec['url']})"
-        else:
-            model = convert(args.source, architecture=args.architecture, norm_groups=args.norm_groups)
-            what = args.source
-    except (FileNotFoundError, ImportError, ValueError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.source in presets.PRESETS:
+        if args.architecture or args.norm_groups:
+            raise ValueError("--architecture/--norm-groups apply to .pth files, not to named presets.")
+        spec = presets.PRESETS[args.source]
+        model = presets.convert_preset(args.source, presets.fetch_checkpoint(args.source))
+        what = f"{args.source} ({spec['url']})"
+    else:
+        model = convert(args.source, architecture=args.architecture, norm_groups=args.norm_groups)
+        what = args.source
     if str(args.output).endswith(".keras"):
         model.save(args.output)
     else:
@@ -67,10 +68,15 @@ def convert_main(argv=None):
         argv: the arguments after `convert` (default: `sys.argv[1:]`).
 
     Returns:
-        The exit status: 0, or 2 with the error on stderr.
+        The exit status: 0, or 1 with `keras-solov2 convert: error: …` on
+        stderr, as `keras-solov2 convert` exits.
     """
+    from keras_solov2.cli import run_reporting_errors
+
     parser = _configure(argparse.ArgumentParser(
         prog="keras-solov2 convert", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.command = "convert"
+    return run_reporting_errors(parser, args)

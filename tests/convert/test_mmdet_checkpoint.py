@@ -16,6 +16,7 @@ import pytest
 
 import keras_solov2  # noqa: F401
 from keras_solov2 import SOLOv2
+from keras_solov2.cli import main as cli_main
 from keras_solov2.convert import (
     convert,
     convert_main,
@@ -333,5 +334,10 @@ def test_convert_command(fixtures_dir, tmp_path, capsys):
     np.testing.assert_allclose(_nchw(model(fixture_image(z))["kernels"][2]), z["kernel_preds_l2"], atol=TOL)
     assert convert_main([str(pth), str(tmp_path / "tiny.keras"), "--norm-groups", "8"]) == 0
     assert (tmp_path / "tiny.keras").is_file()
-    assert convert_main([str(tmp_path / "nothere.pth"), str(tmp_path / "x")]) == 2
-    assert "nothere.pth does not exist" in capsys.readouterr().err
+    # As every keras-solov2 command: one line naming the file, exit 1 (before: "error: …", exit 2).
+    for run_convert in (convert_main, lambda argv: cli_main(["convert"] + argv)):
+        with pytest.raises(SystemExit) as exit_info:
+            run_convert([str(tmp_path / "nothere.pth"), str(tmp_path / "x")])
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"keras-solov2 convert: error: checkpoint {tmp_path / 'nothere.pth'} does not exist.")
