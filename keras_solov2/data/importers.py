@@ -3,7 +3,8 @@
 Each writes `out` (a JSON file whose `file_name`s are relative to the image
 root it reports), refuses to overwrite an existing file unless
 `overwrite=True`, and returns a report of what it wrote and what it skipped
-(with the file and the reason). Masks are stored as compressed RLE.
+(with the file and the reason). Masks are stored as compressed RLE;
+LabelMe's shapes keep their polygons.
 
 Formats (`FORMATS`):
 * `instance_png`: one instance-id PNG per image (0 = background, k =

@@ -10,9 +10,10 @@ The steps, in the order applied (mmdet's names):
    mmcv's rounding; bilinear for the image.
 3. `RandomFlip` (horizontal).
 4. `PhotoMetricDistortion` (optional, off by default; image only).
-5. `Pad` at the bottom/right to a fixed `pad_to` with the mean pixel (which
-   the model normalises to 0, as mmdet pads after normalisation) and 0 for
-   masks, so every batch has one static shape.
+5. `Pad` at the bottom/right with the mean pixel (which the model
+   normalises to 0, as mmdet pads after normalisation) and 0 for masks: to
+   a multiple of 32 (mmdet's `pad_size_divisor`, the default), or to a
+   fixed `pad_to`, so every batch has one static shape.
 
 Masks never go through an interpolating op: crop, resize and flip are one
 index gather per axis (the pixels `tf.image.resize(method="nearest")`

@@ -25,7 +25,8 @@ class GroupNorm(keras.layers.GroupNormalization):
 
     Args:
         groups: int, number of groups; must divide the channels.
-        epsilon: float, added to the variance (1e-5 as torch).
+        epsilon: float, added to the variance (Keras's default 1e-3;
+            `ConvNormReLU` passes torch's 1e-5).
         **kwargs: the rest of `keras.layers.GroupNormalization`'s arguments.
 
     Call arguments:

@@ -36,7 +36,8 @@ class SOLOv2InstanceHead(keras.layers.Layer):
             logits (bias `-log((1 - p) / p)`).
         winograd: run the branches' 3×3 convs, all levels of a layer in one
             go, by Winograd F(4×4, 3×3) where `keras_solov2.winograd.
-            use_winograd` says it pays (float32 on CPU): ≈ 2× faster, relative
+            use_winograd` says it pays (float32 on CPU): ≈ 2× faster (a
+            512→512 layer, 5 levels, batch 2: 77 → 37 ms), relative
             error ≈ 2e-5. `False`: direct convs, one level at a time.
 
     Call arguments:

@@ -69,7 +69,7 @@ class SOLOv2(keras.Model):
         with_cp: mmdet's ResNet `with_cp`: in training, each trainable
             backbone stage keeps only its input for the backward pass and
             recomputes its activations there (`keras.remat`; these stages
-            keep their BatchNorms). R50, batch 2, 512²: 0.20–0.33 GB less
+            keep their BatchNorms). R50, batch 2, 512²: 0.17–0.45 GB less
             peak memory in float32 for −3 to +15 % step time, 0.06–0.16 GB
             in bfloat16 for 13–25 % more (`benchmarks/bench_solov2.py
             --with-cp`). Needs `norm_eval=True`: the recomputation runs
@@ -78,7 +78,9 @@ class SOLOv2(keras.Model):
             backbone (FPN outputs, mask branch, head towers; a head layer's
             5 levels in one go) run by Winograd F(4×4, 3×3)
             (`keras_solov2/winograd.py`): the same convolution, relative
-            error ≈ 2e-5, ≈ 2× faster. `False`: direct convs everywhere.
+            error ≈ 2e-5, the convs ≈ 2× faster (the R50 float32 train step
+            ≈ 1.6–1.7×, 512² predict ≈ 1.4×). `False`: direct convs
+            everywhere.
         score_thr, mask_thr, filter_thr, nms_pre, max_per_img, kernel, sigma:
             mmdet's test_cfg.
         max_candidates: static cap on (cell, class) candidates above
@@ -465,7 +467,8 @@ class SOLOv2(keras.Model):
                 `model(images, dense_kernels=False)` (`kernel_feats`: the
                 kernels are then computed at the cells the loss reads only).
             gt_masks: `(B, M, H, W)` uint8 {0,1} at the padded image size
-                (static `H`, `W`; `M` may be dynamic unless under XLA).
+                (`H`, `W` may be unknown when traced; `M` may be dynamic
+                unless under XLA).
             gt_labels: `(B, M)` int, `-1` for padding / ignored instances.
             reduce_num_pos: optional function of this batch's number of
                 positive cells returning the normaliser to use; `train_step`
