@@ -89,10 +89,19 @@ def test_valid_flags_and_mask_area_and_batch():
         assert n == len(idx)
         np.testing.assert_array_equal(np.asarray(out["indices"][b])[:n], idx)
         np.testing.assert_allclose(np.asarray(out["scores"][b])[:n], s, atol=1e-6)
-    # mask_area is used instead of the masks' own sums when given.
-    area = masks.reshape(2, 12, -1).sum(-1).astype("float32")
+    # mask_area is used instead of the masks' own sums when given (other areas, other IoUs).
+    area = (masks.reshape(2, 12, -1).sum(-1) * rng.uniform(0.6, 1.5, (2, 12))).astype("float32")
     out2 = layer(masks, labels, scores, mask_area=area, valid=valid)
-    np.testing.assert_allclose(np.asarray(out2["scores"]), np.asarray(out["scores"]))
+    changed = False
+    for b in range(2):
+        s, lab, idx = ref.matrix_nms(masks[b, :8], labels[b, :8], scores[b, :8], filter_thr=0.05, nms_pre=6,
+                                     max_num=5, mask_area=area[b, :8])
+        n = int(out2["num_detections"][b])
+        assert n == len(idx)
+        np.testing.assert_array_equal(np.asarray(out2["indices"][b])[:n], idx)
+        np.testing.assert_allclose(np.asarray(out2["scores"][b])[:n], s, atol=1e-6)
+        changed |= n != int(out["num_detections"][b]) or not np.allclose(out2["scores"][b], out["scores"][b])
+    assert changed  # the areas made a difference, so the check above could fail
 
 
 def test_empty_and_all_invalid():
@@ -101,6 +110,15 @@ def test_empty_and_all_invalid():
                 valid=np.zeros(3, bool))
     assert int(out["num_detections"]) == 0
     assert np.all(np.asarray(out["indices"]) == -1)
+    # No masks at all.
+    out = layer(np.zeros((0, 5, 5), bool), np.zeros(0, "int32"), np.zeros(0, "float32"))
+    assert int(out["num_detections"]) == 0
+    assert out["indices"].shape == (4,) and np.all(np.asarray(out["indices"]) == -1)
+    assert np.all(np.asarray(out["labels"]) == -1) and not np.any(np.asarray(out["scores"]))
+    assert out["decayed_scores"].shape == (0,)
+    out = MatrixNMS(max_per_img=-1)(np.zeros((2, 0, 5, 5), bool), np.zeros((2, 0), "int32"),
+                                    np.zeros((2, 0), "float32"))
+    assert out["indices"].shape == (2, 0) and np.asarray(out["num_detections"]).tolist() == [0, 0]
 
 
 def test_config_round_trip():
@@ -149,7 +167,7 @@ def test_intersections_are_exact_on_both_matmul_paths(monkeypatch, native_bf16):
     want = np.einsum("bnp,bmp->bnm", masks.astype(np.int64), masks.astype(np.int64))
     assert want.max() == 3500
     np.testing.assert_array_equal(got, want)
-    # The layer agrees with the mmdet fixture on this path too.
+    # The layer agrees with the NumPy transcription of mmdet's mask_matrix_nms on this path too.
     out = MatrixNMS()(masks[0].reshape(7, 50, 70), np.zeros(7, "int32"), np.linspace(0.9, 0.3, 7).astype("float32"))
     ref_out = ref.matrix_nms(masks[0].reshape(7, 50, 70), np.zeros(7), np.linspace(0.9, 0.3, 7).astype("float32"),
                              filter_thr=0.05, nms_pre=500, max_num=100)

@@ -278,6 +278,13 @@ class MatrixNMS(keras.layers.Layer):
         dynamic = static_num is None
         num = ops.shape(masks)[1] if dynamic else static_num
         batch = ops.shape(masks)[0]
+        if static_num == 0:
+            # No masks: nothing to rank (Keras refuses eager reductions of
+            # empty tensors). The outputs of "none kept".
+            k = max(self.max_per_img, 0)
+            none = ops.full((batch, k), -1, "int32")
+            return {"scores": ops.zeros((batch, k), "float32"), "labels": none, "indices": none,
+                    "num_detections": ops.zeros((batch,), "int32"), "decayed_scores": ops.zeros((batch, 0), "float32")}
         flat = ops.reshape(masks, (batch, num, -1))
         scores = ops.cast(scores, "float32")
         labels = ops.cast(labels, "int32")
