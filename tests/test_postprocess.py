@@ -56,3 +56,4 @@ def test_no_candidates_gives_empty_result():
     }
     res = _model(3, e=8).postprocess(outputs, [(64, 96)] * 2, [(64, 96), (32, 48)])
     assert [r["masks"].shape for r in res] == [(0, 64, 96), (0, 32, 48)]
+    assert all(len(r["scores"]) == len(r["labels"]) == 0 for r in res)

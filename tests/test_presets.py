@@ -6,6 +6,7 @@ import pytest
 import keras_solov2  # noqa: F401
 from keras_solov2 import SOLOv2
 from keras_solov2.models import presets
+from tests.optional import import_or_skip
 from tests.test_model import tiny_model
 
 
@@ -58,7 +59,7 @@ def local_checkpoint_server(fixtures_dir, tmp_path):
     import http.server
     import threading
 
-    torch = pytest.importorskip("torch", reason="the convert extra (torch) is not installed")
+    torch = import_or_skip("torch", "pip install 'keras-solov2[convert]'")
     z = np.load(fixtures_dir / "tiny" / "solov2_tiny_r18_forward.npz")
     sd = {k[len("state_dict/"):]: torch.from_numpy(np.array(z[k])) for k in z.files if k.startswith("state_dict/")}
     served = tmp_path / "served"
@@ -137,7 +138,7 @@ def test_save_to_preset_round_trip_and_new_classes(tmp_path):
 
 
 def test_local_pth_preset(fixtures_dir, tmp_path):
-    torch = pytest.importorskip("torch", reason="the convert extra (torch) is not installed")
+    torch = import_or_skip("torch", "pip install 'keras-solov2[convert]'")
     z = np.load(fixtures_dir / "tiny" / "solov2_tiny_r18_forward.npz")
     sd = {k[len("state_dict/"):]: torch.from_numpy(np.array(z[k])) for k in z.files if k.startswith("state_dict/")}
     torch.save({"state_dict": sd}, tmp_path / "tiny.pth")

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -54,8 +56,10 @@ presets.save_to_preset(SOLOv2.from_architecture("solov2_light_r18"),
 
 REPORT = """
 import json
+from keras_solov2.evaluation import evaluate_coco
 saved = keras.saving.load_model("best.keras")
-json.dump({"examples": builder.info.splits["train"].num_examples,
+saved_ap = evaluate_coco(saved, val, "peds.json", builder.info.metadata["category_ids"])["AP"]
+json.dump({"saved_ap": saved_ap, "examples": builder.info.splits["train"].num_examples,
            "train_examples": builder.info.splits["train[:80%]"].num_examples,
            "steps": len(train), "val_batches": len(val), "num_classes": saved.num_classes,
            "class_names": list(saved.class_names), "history": model.history.history},
@@ -82,4 +86,7 @@ def test_fine_tuning_example_on_pennfudan(shared_dir, tmp_path):
     (loss,) = report["history"]["loss"]
     (ap,) = report["history"]["val_mask_AP"]
     assert loss == loss and 0 < loss < 100  # finite
+    # The callback's AP is pycocotools' (not -1: the images and categories matched), and it
+    # is the AP of the model ModelCheckpoint saved.
     assert 0.0 <= ap <= 1.0
+    assert ap == pytest.approx(report["saved_ap"], abs=1e-9)

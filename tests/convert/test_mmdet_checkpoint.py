@@ -28,6 +28,7 @@ from keras_solov2.convert import (
 )
 from keras_solov2.models.architectures import ARCHITECTURES
 from tests.convert.mmdet_layout import random_state_dict, read_keys_file, solov2_layout
+from tests.optional import import_or_skip
 
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
@@ -208,7 +209,7 @@ def _torch_resnet(torch, sd, x, bottleneck, blocks):
 @pytest.mark.parametrize("depth", [18, 50])
 def test_multi_block_stages_match_a_torch_resnet(depth):
     """Blocks after the first (identity shortcuts) map correctly: 2 blocks per stage vs plain torch."""
-    torch = pytest.importorskip("torch", reason="the convert extra (torch) is not installed")
+    torch = import_or_skip("torch", "pip install 'keras-solov2[convert]'")
     bottleneck, blocks = depth >= 50, [2, 2, 2, 2]
     rows = solov2_layout(depth, stage_blocks=blocks, num_classes=3, fpn_channels=32, feat_channels=32,
                          stacked_convs=1, mask_feat_channels=16, mask_out_channels=16)
@@ -275,7 +276,7 @@ class _NotATensor:
 
 
 def test_pth_files_load_safely_and_corrupt_ones_fail_clearly(fixtures_dir, tmp_path):
-    torch = pytest.importorskip("torch", reason="the convert extra (torch) is not installed")
+    torch = import_or_skip("torch", "pip install 'keras-solov2[convert]'")
     z, sd = tiny_fixture(fixtures_dir, "r18")
     # A released-checkpoint-like wrapper whose meta holds objects the safe unpickler refuses.
     path = tmp_path / "solov2_tiny.pth"
@@ -324,7 +325,7 @@ def test_missing_torch_is_explained(tmp_path, monkeypatch):
 
 
 def test_convert_command(fixtures_dir, tmp_path, capsys):
-    torch = pytest.importorskip("torch", reason="the convert extra (torch) is not installed")
+    torch = import_or_skip("torch", "pip install 'keras-solov2[convert]'")
     z, sd = tiny_fixture(fixtures_dir, "r50")
     pth = tmp_path / "tiny_r50.pth"
     torch.save({"state_dict": _torch_state_dict(torch, sd)}, pth)

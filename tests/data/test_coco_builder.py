@@ -30,6 +30,7 @@ def test_tfds_build_of_real_coco_subset(shared_dir, tmp_path):
         crowd += int(objs["is_crowd"].sum())
         if checked < 3:  # masks equal pycocotools' annToMask, in annotation order
             anns = [a for a in coco.imgToAnns[int(ex["image/id"])] if coco.annToMask(a).any()]
+            assert len(anns) == len(objs["mask"]) == len(objs["label"]) > 0
             for a, m, cat, lab in zip(anns, objs["mask"], objs["category_id"], objs["label"]):
                 np.testing.assert_array_equal(m[..., 0], coco.annToMask(a))
                 assert cat == a["category_id"] and info.metadata["category_ids"][lab] == cat

@@ -39,7 +39,10 @@ def test_masks_equal_pycocotools_and_stay_aligned(coco_mini):
     coco = load_coco(ann)
     ids = info.image_ids[:2]
     ds = make_dataset(info, ids, scale=(640, 640), batch_size=1, training=False)
-    for (x, y), image_id in zip(ds, ids):
+    batches = list(ds)
+    assert len(batches) == len(ids)
+    for (x, y), image_id in zip(batches, ids):
+        assert int(x["image_id"][0]) == image_id
         anns = [a for a in coco.imgToAnns[image_id] if not a["iscrowd"]]
         h, w = coco.imgs[image_id]["height"], coco.imgs[image_id]["width"]
         assert list(np.asarray(x["original_shape"][0])) == [h, w] == list(np.asarray(x["image_shape"][0]))
@@ -55,6 +58,7 @@ def test_masks_equal_pycocotools_and_stay_aligned(coco_mini):
             assert masks[k, h:, :].sum() == 0 and masks[k, :, w:].sum() == 0
             assert info.label_to_category_id[labels[k]] == a["category_id"]
             k += 1
+        assert k == (labels >= 0).sum() > 0
         # Padding is the mean pixel, which the model normalises to 0.
         if h < 640:
             pad = np.asarray(x["images"][0, h:, 0])
@@ -299,7 +303,9 @@ def test_grayscale_rgba_and_16bit_images_become_8bit_rgb(tmp_path):
     images = [{"id": i + 1, "file_name": n, "height": 20, "width": 30} for i, n in enumerate(expected)]
     ann = _write(tmp_path, images, [])
     ds = make_dataset(describe(ann, tmp_path), batch_size=1, scale=(30, 20), training=False)
-    for (x, _), rgb in zip(ds, expected.values()):
+    batches = list(ds)
+    assert len(batches) == len(expected)
+    for (x, _), rgb in zip(batches, expected.values()):
         np.testing.assert_allclose(np.asarray(x["images"][0, :20, :30]), np.broadcast_to(rgb, (20, 30, 3)))
     Image.fromarray(np.full((20, 30), 0.5, np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(ValueError, match=r"image 3 file .*float\.tif is not a readable image.*mode F"):
