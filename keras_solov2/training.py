@@ -79,7 +79,7 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out / "split.json", {"train": [int(i) for i in train_ids],
-                                                 "val": [int(i) for i in val_ids]})
+                                                 "val": [int(i) for i in val_ids or ()]})
     lr, default_epochs = solov2_schedule(batch_size, steps, schedule, base_lr, warmup_steps)
     if epochs != default_epochs:  # keep mmdet's milestones at the same fractions
         fractions = [m / (default_epochs * steps) for m in lr.milestones]
