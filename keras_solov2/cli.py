@@ -78,6 +78,7 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, categ
     from PIL import Image
 
     from keras_solov2.evaluation import encode_instances
+    from keras_solov2.image_orientation import apply_exif_orientation
     from keras_solov2.models.presets import COCO_CATEGORY_IDS, COCO_CLASSES
     from keras_solov2.visualize import draw_instances
 
@@ -92,7 +93,7 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, categ
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                image = np.asarray(im.convert("RGB"))
+                image = np.asarray(apply_exif_orientation(im).convert("RGB"))  # as training reads it
         except (OSError, ValueError) as e:  # not an image, truncated, unsupported mode
             print(f"{f}: skipped, not a readable image ({e})", file=sys.stderr)
             unreadable.append(str(f))
@@ -140,10 +141,11 @@ def _cmd_assign(args):
     import numpy as np
     from PIL import Image
 
+    from keras_solov2.image_orientation import apply_exif_orientation
     from keras_solov2.visualize import visualize_assignment
 
     model = _load_model(args.model)
-    image = np.asarray(Image.open(args.image).convert("RGB"))
+    image = np.asarray(apply_exif_orientation(Image.open(args.image)).convert("RGB"))
     ids = np.asarray(Image.open(args.instance_mask))
     if ids.ndim != 2 or ids.shape != image.shape[:2]:
         raise ValueError(f"{args.instance_mask} must be a single-channel id map of the image's size.")

@@ -43,6 +43,20 @@ def test_predict_writes_overlays_and_results_with_category_ids(tmp_path):
         assert tuple(r["segmentation"]["size"]) in {(70, 90), (64, 128)}
 
 
+def test_predict_reads_a_photo_turned_by_its_exif_orientation(tmp_path):
+    from tests.data.test_image_orientation import _save_with_orientation
+
+    save_detecting_model(tmp_path / "m.keras")
+    pixels = np.random.default_rng(1).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    _save_with_orientation(tmp_path / "photo.jpg", pixels, 6)  # stored 48x80, shown 80x48
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "photo.jpg"), "--model", str(tmp_path / "m.keras"),
+                 "--output", str(out), "--score-thr", "0.0"]) in (None, 0)
+    assert Image.open(out / "photo.png").size == (48, 80)  # (width, height) of the turned photo
+    results = json.loads((out / "results.json").read_text())
+    assert results and {tuple(r["segmentation"]["size"]) for r in results} == {(80, 48)}
+
+
 @pytest.mark.parametrize("command, option", [
     ("train", "--micro-batch-size"), ("train", "--batch-size"), ("train", "--epochs"),
     ("train", "--eval-every"), ("train", "--steps-per-epoch"), ("train", "--max-instances"),

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from keras_solov2.atomic_files import write_json_atomically
+from keras_solov2.image_orientation import exif_orientation
 from keras_solov2.data.coco_folder import (
     check_annotations,
     clean_segmentation,
@@ -50,11 +51,14 @@ log = logging.getLogger(__name__)
 def _is_8bit_rgb_file(path):
     """Whether tfds can store the file's bytes as they are: an RGB JPEG, or a
     PNG of 8-bit truecolour (its IHDR; PIL reports 16-bit PNGs as "RGB" too,
-    and tfds' NumPy decoder would truncate their 16-bit values)."""
+    and tfds' NumPy decoder would truncate their 16-bit values), without an
+    EXIF orientation to apply (TensorFlow's decoders ignore it)."""
     from PIL import Image
 
     with Image.open(path) as im:
         fmt, mode = im.format, im.mode
+        if exif_orientation(im) != 1:
+            return False
     if fmt == "JPEG":
         return mode == "RGB"
     if fmt == "PNG":
@@ -87,8 +91,12 @@ class SOLOv2Coco(tfds.core.GeneratorBasedBuilder):
 
     name = "solov2_coco"  # tfds would derive "so_lov2_coco" from the class name
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    # A new version is a new build: builds of 1.0.0 stored EXIF-oriented JPEGs as stored.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Images turned by their EXIF orientation, as mmdet (OpenCV) reads them.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place COCO 2017 in the manual dir (default ~/tensorflow_datasets/downloads/manual/): "
         "annotations/instances_train2017.json, annotations/instances_val2017.json, train2017/, val2017/ "

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_solov2.checks import positive_int
+from keras_solov2.image_orientation import apply_exif_orientation, oriented_size, stored_size_hint
 from keras_solov2.data.transforms import (  # noqa: F401  (re-exported: the pipeline's public pieces)
     PIXEL_MEAN,
     PhotoMetricDistortion,
@@ -149,7 +150,8 @@ def split_ids(image_ids, val_fraction=0.2, seed=0):
 def validate_images(coco, info, image_ids):
     """Checks every image before training starts (errors inside tf.data would
     surface as opaque TF errors): path inside the root, file present and
-    readable, size equal to the JSON's. Reads headers only."""
+    readable, size (after EXIF orientation, as `read_rgb` reads it) equal to
+    the JSON's. Reads headers only."""
     from PIL import Image
 
     for image_id in image_ids:
@@ -157,7 +159,8 @@ def validate_images(coco, info, image_ids):
         path = safe_image_path(info.image_root, img_info["file_name"], info.annotation_file)
         try:
             with Image.open(path) as im:
-                w, h = im.size
+                h, w = oriented_size(im)
+                hint = stored_size_hint(im, (img_info.get("height"), img_info.get("width")))
         except FileNotFoundError:
             raise FileNotFoundError(f"{info.annotation_file}: image {image_id} file {path} does not exist.") from None
         except Exception as e:
@@ -165,14 +168,15 @@ def validate_images(coco, info, image_ids):
         if (img_info.get("height"), img_info.get("width")) != (h, w):
             raise ValueError(
                 f"{info.annotation_file}: image {image_id} ({path.name}) is {h}x{w} but the JSON says "
-                f"{img_info.get('height')}x{img_info.get('width')}."
+                f"{img_info.get('height')}x{img_info.get('width')}.{hint}"
             )
 
 
 def read_rgb(path, image_id=None, annotation_file="annotations"):
     """Decodes an image file completely to `(H, W, 3)` uint8 RGB.
 
-    Grayscale, palette, CMYK and RGBA/LA files become RGB through PIL (alpha
+    The pixels are turned by the file's EXIF orientation, as mmdet's
+    OpenCV decoding turns them (`keras_solov2.image_orientation`). Grayscale, palette, CMYK and RGBA/LA files become RGB through PIL (alpha
     is dropped, as cv2/mmcv do). 16-bit files: PIL already keeps the high
     byte of 16-bit RGB(A) PNGs, but its `convert("RGB")` *clips* 16-bit
     grayscale (modes `I;16*`, and `I`, read as 16-bit data) at 255, which
@@ -193,6 +197,7 @@ def read_rgb(path, image_id=None, annotation_file="annotations"):
     try:
         with Image.open(path) as im:
             im.load()  # the full decode: a truncated file fails here, with its name
+            im = apply_exif_orientation(im)
             if im.mode.startswith("I;16") or im.mode == "I":
                 gray = (np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
                 return np.repeat(gray[..., None], 3, axis=-1)

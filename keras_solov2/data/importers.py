@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_solov2.atomic_files import write_json_atomically
+from keras_solov2.image_orientation import oriented_size, stored_size_hint
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -87,10 +88,19 @@ class _Writer:
 
 
 def _read_image_size(path):
+    """`(height, width)` as the image is read (after EXIF orientation)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return im.size[1], im.size[0]
+        return oriented_size(im)
+
+
+def _size_hint(path, mask_shape):
+    """Why `path` reads at another size than its mask, if its EXIF orientation is the reason."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return stored_size_hint(im, mask_shape[:2])
 
 
 def import_instance_png(images_dir, masks_dir, out, category="object", mask_suffix="_mask", overwrite=False):
@@ -114,7 +124,8 @@ def import_instance_png(images_dir, masks_dir, out, category="object", mask_suff
             raise ValueError(f"{mask_path}: an instance-id mask must be single-channel, got shape {ids.shape}.")
         h, w_ = _read_image_size(img)
         if ids.shape != (h, w_):
-            raise ValueError(f"{mask_path} is {ids.shape[0]}x{ids.shape[1]} but {img.name} is {h}x{w_}.")
+            raise ValueError(f"{mask_path} is {ids.shape[0]}x{ids.shape[1]} but {img.name} is {h}x{w_}."
+                             f"{_size_hint(img, ids.shape)}")
         image_id = w.add_image(img, h, w_)
         for k in np.unique(ids):
             if k != 0:
@@ -140,7 +151,8 @@ def import_instance_folders(root, out, category="object", overwrite=False):
             if m.ndim == 3:
                 m = m[..., 0]
             if m.shape != (h, w_):
-                raise ValueError(f"{mask_path} is {m.shape[0]}x{m.shape[1]} but {images[0].name} is {h}x{w_}.")
+                raise ValueError(f"{mask_path} is {m.shape[0]}x{m.shape[1]} but {images[0].name} is {h}x{w_}."
+                                 f"{_size_hint(images[0], m.shape)}")
             w.add_mask(image_id, m > 0, category, str(mask_path))
     return w.write()
 
@@ -173,7 +185,8 @@ def import_labelme(json_dir, out, overwrite=False):
             continue
         h, w_ = _read_image_size(img)
         if (d.get("imageHeight"), d.get("imageWidth")) not in ((None, None), (h, w_)):
-            raise ValueError(f"{f}: imageHeight/Width {d.get('imageHeight')}x{d.get('imageWidth')} but the image is {h}x{w_}.")
+            raise ValueError(f"{f}: imageHeight/Width {d.get('imageHeight')}x{d.get('imageWidth')} but the image is "
+                             f"{h}x{w_}.{_size_hint(img, (d.get('imageHeight'), d.get('imageWidth')))}")
         image_id = w.add_image(img, h, w_)
         # Shapes sharing a (label, group_id) are one instance (labelme's rule).
         instances = {}
