@@ -18,12 +18,17 @@ def exif_orientation(image):
     """The EXIF orientation (1–8; 1 = as stored) of an open PIL image.
 
     A missing, malformed or out-of-range tag reads as 1, as OpenCV reads it.
+    Only the file's header is read: a PNG's `eXIf` chunk counts if it comes
+    before the pixel data, where the PNG specification puts it (PIL would
+    otherwise decode the whole image to look for it).
 
     Example:
     >>> from PIL import Image
     >>> exif_orientation(Image.new("RGB", (4, 2)))
     1
     """
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
     try:
         value = image.getexif().get(ORIENTATION_TAG, 1)
     except Exception:  # a broken EXIF block: the pixels as stored

@@ -196,8 +196,8 @@ def read_rgb(path, image_id=None, annotation_file="annotations"):
     where = f"{annotation_file}: image {image_id} file {path}"
     try:
         with Image.open(path) as im:
+            im = apply_exif_orientation(im)  # its tag read from the header, as validate_images reads it
             im.load()  # the full decode: a truncated file fails here, with its name
-            im = apply_exif_orientation(im)
             if im.mode.startswith("I;16") or im.mode == "I":
                 gray = (np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
                 return np.repeat(gray[..., None], 3, axis=-1)

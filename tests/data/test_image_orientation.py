@@ -59,6 +59,12 @@ def test_read_rgb_turns_by_the_exif_orientation(tmp_path, orientation):
         assert want.shape[:2] == (40, 24)
 
 
+def test_a_png_exif_chunk_turns_it_too(tmp_path):
+    # Lossless: the turned pixels exactly; the tag is read from the header, without a full decode.
+    _save_with_orientation(tmp_path / "scan.png", _corner_image(), 8)
+    np.testing.assert_array_equal(read_rgb(tmp_path / "scan.png"), np.rot90(_corner_image(), 1))
+
+
 def _one_polygon_dataset(tmp_path, height, width):
     """An orientation-6 JPEG (stored 24x40) and a JSON whose one square is
     drawn on the turned (displayed) image's red quadrant."""
