@@ -224,17 +224,15 @@ def make_stream(coco, info, examples, scale, pad_to, batch_size, max_instances, 
     slot.
     """
     import tensorflow as tf
-    from PIL import Image
 
-    from keras_solov2.data.coco_folder import resize_flip_pad, safe_image_path
+    from keras_solov2.data.coco_folder import read_rgb, resize_flip_pad, safe_image_path
 
     label_of = {c: i for i, c in enumerate(info.category_ids)}
     slots = max_instances if with_targets else 1
 
     def load(image_id):
         path = safe_image_path(info.image_root, coco.imgs[image_id]["file_name"], info.annotation_file)
-        with Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = read_rgb(path, image_id, info.annotation_file)
         h, w = image.shape[:2]
         masks, labels = [], []
         if with_targets:

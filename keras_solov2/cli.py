@@ -75,10 +75,9 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, categ
     """
     import numpy as np
     import tensorflow as tf
-    from PIL import Image
 
     from keras_solov2.evaluation import encode_instances
-    from keras_solov2.image_orientation import apply_exif_orientation
+    from keras_solov2.image_files import read_rgb
     from keras_solov2.models.presets import COCO_CATEGORY_IDS, COCO_CLASSES
     from keras_solov2.visualize import draw_instances
 
@@ -92,10 +91,9 @@ def predict_images(model, files, out_dir, score_thr=0.3, class_names=None, categ
     results, unreadable = [], []
     for i, f in enumerate(files):
         try:
-            with Image.open(f) as im:
-                image = np.asarray(apply_exif_orientation(im).convert("RGB"))  # as training reads it
+            image = read_rgb(f)  # as training reads it: EXIF orientation, 16-bit scaled
         except (OSError, ValueError) as e:  # not an image, truncated, unsupported mode
-            print(f"{f}: skipped, not a readable image ({e})", file=sys.stderr)
+            print(f"{f}: skipped, not a readable image ({e.__cause__ or e})", file=sys.stderr)
             unreadable.append(str(f))
             continue
         out = predict(tf.constant(image[None], tf.float32))
@@ -141,12 +139,13 @@ def _cmd_assign(args):
     import numpy as np
     from PIL import Image
 
-    from keras_solov2.image_orientation import apply_exif_orientation
+    from keras_solov2.image_files import read_rgb
     from keras_solov2.visualize import visualize_assignment
 
     model = _load_model(args.model)
-    image = np.asarray(apply_exif_orientation(Image.open(args.image)).convert("RGB"))
-    ids = np.asarray(Image.open(args.instance_mask))
+    image = read_rgb(args.image)
+    with Image.open(args.instance_mask) as mask_file:
+        ids = np.asarray(mask_file)
     if ids.ndim != 2 or ids.shape != image.shape[:2]:
         raise ValueError(f"{args.instance_mask} must be a single-channel id map of the image's size.")
     labels = [k for k in np.unique(ids) if k != 0]

@@ -68,24 +68,25 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
 
     steps = steps_per_epoch or max(1, len(train_ids) // batch_size)
     tracker = EpochTracker()
-    # Both datasets first: they check every image, and a run that stops on a
-    # missing or corrupt file should leave no output folder behind.
+    # Everything that checks its input first (both datasets check every
+    # image): a run that stops on a missing file or a bad argument should
+    # leave no output folder behind.
     train_ds = make_dataset(info, train_ids, scale=scale, batch_size=batch_size,
                             max_instances=max_instances, training=True, shuffle_seed=seed,
                             steps_per_epoch=steps, epoch_tracker=tracker, crop_size=crop_size,
                             crop_type=crop_type, photometric_distortion=photometric_distortion)
     val_ds = make_dataset(info, val_ids, scale=scale, batch_size=batch_size, max_instances=max_instances,
                           training=False) if val_ids else None
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out / "split.json", {"train": [int(i) for i in train_ids],
-                                                 "val": [int(i) for i in val_ids or ()]})
     lr, default_epochs = solov2_schedule(batch_size, steps, schedule, base_lr, warmup_steps)
     if epochs != default_epochs:  # keep mmdet's milestones at the same fractions
         fractions = [m / (default_epochs * steps) for m in lr.milestones]
         lr = WarmupMultiStepDecay(lr.base_lr, [int(f * epochs * steps) for f in fractions],
                                   warmup_steps=min(warmup_steps, steps * epochs // 4))
     model.compile(optimizer or keras.optimizers.SGD(lr, momentum=0.9), micro_batch_size=micro_batch_size)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out / "split.json", {"train": [int(i) for i in train_ids],
+                                                 "val": [int(i) for i in val_ids or ()]})
     callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup")), tracker.as_callback(),
                  keras.callbacks.TerminateOnNaN()] + list(callbacks or [])
     if val_ids:

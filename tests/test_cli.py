@@ -55,6 +55,12 @@ def test_predict_reads_a_photo_turned_by_its_exif_orientation(tmp_path):
     assert Image.open(out / "photo.png").size == (48, 80)  # (width, height) of the turned photo
     results = json.loads((out / "results.json").read_text())
     assert results and {tuple(r["segmentation"]["size"]) for r in results} == {(80, 48)}
+    # Nothing drawn (no score reaches 1): the overlay is the photo turned 90° clockwise.
+    assert main(["predict", str(tmp_path / "photo.jpg"), "--model", str(tmp_path / "m.keras"),
+                 "--output", str(tmp_path / "plain"), "--score-thr", "1.0"]) in (None, 0)
+    with Image.open(tmp_path / "photo.jpg") as stored:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "plain" / "photo.png")),
+                                      np.rot90(np.asarray(stored.convert("RGB")), -1))
 
 
 @pytest.mark.parametrize("command, option", [

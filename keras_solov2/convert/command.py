@@ -68,8 +68,11 @@ def convert_main(argv=None):
         argv: the arguments after `convert` (default: `sys.argv[1:]`).
 
     Returns:
-        The exit status: 0, or 1 with `keras-solov2 convert: error: …` on
-        stderr, as `keras-solov2 convert` exits.
+        0.
+
+    Raises:
+        SystemExit: 1 after `keras-solov2 convert: error: …` on stderr, for
+            bad input (as `keras-solov2 convert` exits); 2 for bad options.
     """
     from keras_solov2.cli import run_reporting_errors
 

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from keras_solov2.atomic_files import write_json_atomically
-from keras_solov2.image_orientation import exif_orientation
+from keras_solov2.image_files import exif_orientation
 from keras_solov2.data.coco_folder import (
     check_annotations,
     clean_segmentation,

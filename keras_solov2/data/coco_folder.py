@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 
 from keras_solov2.checks import positive_int
-from keras_solov2.image_orientation import apply_exif_orientation, oriented_size, stored_size_hint
 from keras_solov2.data.transforms import (  # noqa: F401  (re-exported: the pipeline's public pieces)
     PIXEL_MEAN,
     PhotoMetricDistortion,
@@ -55,6 +54,7 @@ from keras_solov2.data.transforms import (  # noqa: F401  (re-exported: the pipe
     resize_flip_pad,
     sample_augmentation,
 )
+from keras_solov2.image_files import oriented_size, read_rgb, stored_size_hint
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ def validate_images(coco, info, image_ids):
         try:
             with Image.open(path) as im:
                 h, w = oriented_size(im)
-                hint = stored_size_hint(im, (img_info.get("height"), img_info.get("width")))
+                expected = (img_info.get("height"), img_info.get("width"))
+                hint = "" if expected == (h, w) else stored_size_hint(im, expected)
         except FileNotFoundError:
             raise FileNotFoundError(f"{info.annotation_file}: image {image_id} file {path} does not exist.") from None
         except Exception as e:
@@ -170,44 +171,6 @@ def validate_images(coco, info, image_ids):
                 f"{info.annotation_file}: image {image_id} ({path.name}) is {h}x{w} but the JSON says "
                 f"{img_info.get('height')}x{img_info.get('width')}.{hint}"
             )
-
-
-def read_rgb(path, image_id=None, annotation_file="annotations"):
-    """Decodes an image file completely to `(H, W, 3)` uint8 RGB.
-
-    The pixels are turned by the file's EXIF orientation, as mmdet's
-    OpenCV decoding turns them (`keras_solov2.image_orientation`). Grayscale, palette, CMYK and RGBA/LA files become RGB through PIL (alpha
-    is dropped, as cv2/mmcv do). 16-bit files: PIL already keeps the high
-    byte of 16-bit RGB(A) PNGs, but its `convert("RGB")` *clips* 16-bit
-    grayscale (modes `I;16*`, and `I`, read as 16-bit data) at 255, which
-    turns most of such an image white; those are scaled to 8 bits here the
-    way cv2's `IMREAD_COLOR` does (`value >> 8`). Float images (mode `F`)
-    have no agreed 0..255 scale and are refused.
-
-    Raises:
-        FileNotFoundError / ValueError naming `annotation_file`, the image id
-        and the file, for a missing, unreadable, truncated or float image.
-        (`validate_images` reads headers only, so a file whose pixel data is
-        corrupt fails when `make_dataset` reads it: this message then is the
-        first line of the `tf.errors.InvalidArgumentError` of the iterator.)
-    """
-    from PIL import Image
-
-    where = f"{annotation_file}: image {image_id} file {path}"
-    try:
-        with Image.open(path) as im:
-            im = apply_exif_orientation(im)  # its tag read from the header, as validate_images reads it
-            im.load()  # the full decode: a truncated file fails here, with its name
-            if im.mode.startswith("I;16") or im.mode == "I":
-                gray = (np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=-1)
-            if im.mode == "F":
-                raise ValueError("float (mode F) images have no 0..255 scale; convert it to 8 or 16 bits")
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{where} does not exist.") from None
-    except Exception as e:  # PIL's UnidentifiedImageError, OSError("image file is truncated"), ...
-        raise ValueError(f"{where} is not a readable image ({type(e).__name__}: {e}).") from e
 
 
 def _is_number(v):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_solov2.atomic_files import write_json_atomically
-from keras_solov2.image_orientation import oriented_size, stored_size_hint
+from keras_solov2.image_files import oriented_size, stored_size_hint
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -11,7 +11,7 @@ from PIL import Image
 import keras_solov2  # noqa: F401
 from keras_solov2.data.coco_folder import describe, make_dataset, read_rgb
 from keras_solov2.data.importers import import_dataset
-from keras_solov2.image_orientation import ORIENTATION_TAG
+from keras_solov2.image_files import ORIENTATION_TAG
 
 # How to display the stored pixels, for each EXIF orientation.
 DISPLAY = {
@@ -63,6 +63,20 @@ def test_a_png_exif_chunk_turns_it_too(tmp_path):
     # Lossless: the turned pixels exactly; the tag is read from the header, without a full decode.
     _save_with_orientation(tmp_path / "scan.png", _corner_image(), 8)
     np.testing.assert_array_equal(read_rgb(tmp_path / "scan.png"), np.rot90(_corner_image(), 1))
+
+
+def test_a_tiff_tag_turns_it_and_an_xmp_orientation_does_not(tmp_path):
+    # As OpenCV (mmdet) reads them: a TIFF's own orientation tag counts (PIL applies it when
+    # it opens the file: turned once, not twice); an orientation only in XMP metadata does
+    # not (PIL's getexif would take it).
+    _save_with_orientation(tmp_path / "scan.tif", _corner_image(), 6)
+    np.testing.assert_array_equal(read_rgb(tmp_path / "scan.tif"), np.rot90(_corner_image(), -1))
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    Image.fromarray(_corner_image()).save(tmp_path / "xmp.jpg", xmp=xmp, quality=95)
+    with Image.open(tmp_path / "xmp.jpg") as im:
+        assert im.getexif().get(ORIENTATION_TAG) == 6  # PIL's reading, not OpenCV's
+    np.testing.assert_array_equal(read_rgb(tmp_path / "xmp.jpg"), _stored(tmp_path / "xmp.jpg"))
 
 
 def _one_polygon_dataset(tmp_path, height, width):
