@@ -33,7 +33,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from keras_solov2.atomic_files import write_json_atomically
-from keras_solov2.image_files import exif_orientation
 from keras_solov2.data.coco_folder import (
     check_annotations,
     clean_segmentation,
@@ -44,6 +43,7 @@ from keras_solov2.data.coco_folder import (
     safe_image_path,
     validate_images,
 )
+from keras_solov2.image_files import exif_orientation
 
 log = logging.getLogger(__name__)
 

@@ -166,10 +166,10 @@ def validate_images(coco, info, image_ids):
             raise FileNotFoundError(f"{info.annotation_file}: image {image_id} file {path} does not exist.") from None
         except Exception as e:
             raise ValueError(f"{info.annotation_file}: image {image_id} file {path} is not a readable image ({e}).") from e
-        if (img_info.get("height"), img_info.get("width")) != (h, w):
+        if expected != (h, w):
             raise ValueError(
                 f"{info.annotation_file}: image {image_id} ({path.name}) is {h}x{w} but the JSON says "
-                f"{img_info.get('height')}x{img_info.get('width')}.{hint}"
+                f"{expected[0]}x{expected[1]}.{hint}"
             )
 
 
