@@ -90,6 +90,13 @@ def _run_callback(gt_path, sizes, instances, batch_ids):
     return logs
 
 
+def _detections(instances):
+    """pycocotools results of `{image_id: {"masks", "scores", "labels"}}`, written independently
+    of `encode_instances`."""
+    return [{"image_id": i, "category_id": CATEGORY_IDS[int(lab)], "segmentation": _rle(m), "score": float(s)}
+            for i, inst in instances.items() for m, s, lab in zip(inst["masks"], inst["scores"], inst["labels"])]
+
+
 def _pycocotools_ap(gt_path, dets, img_ids):
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(gt_path))
@@ -109,16 +116,14 @@ def test_perfect_predictions_give_ap_one(tmp_path):
 
 def test_shifted_masks_match_pycocotools_exactly(tmp_path):
     gt_path, gt, sizes = _write_gt(tmp_path)
-    instances, dets = {}, []
+    instances = {}
     for i in gt:
         masks = np.stack([np.roll(m, shift=3 * (k + 1), axis=1) for k, (m, _) in enumerate(gt[i])])
         labels = np.array([lab for _, lab in gt[i]])
         scores = np.array([0.9, 0.6])
         instances[i] = {"masks": masks, "scores": scores, "labels": labels}
-        dets += [{"image_id": i, "category_id": CATEGORY_IDS[lab], "segmentation": _rle(m), "score": float(s)}
-                 for m, s, lab in zip(masks, scores, labels)]
     logs = _run_callback(gt_path, sizes, instances, [(1, 2), (3,)])
-    stats = _pycocotools_ap(gt_path, dets, [1, 2, 3])
+    stats = _pycocotools_ap(gt_path, _detections(instances), [1, 2, 3])
     assert 0 < logs["val_mask_AP"] < 1
     np.testing.assert_allclose(logs["val_mask_AP"], stats[0], rtol=0, atol=1e-12)
     np.testing.assert_allclose(logs["val_mask_AP75"], stats[2], rtol=0, atol=1e-12)
@@ -130,9 +135,7 @@ def test_images_without_predictions_still_count(tmp_path):
                      "labels": np.array([lab for _, lab in gt[i]])} for i in gt}
     instances[2] = {"masks": np.zeros((0, 50, 70), np.uint8), "scores": np.zeros(0), "labels": np.zeros(0)}
     logs = _run_callback(gt_path, sizes, instances, [(1, 2), (3,)])
-    dets = [{"image_id": i, "category_id": CATEGORY_IDS[int(lab)], "segmentation": _rle(m), "score": float(s)}
-            for i in (1, 3) for m, s, lab in zip(*(instances[i][k] for k in ("masks", "scores", "labels")))]
-    stats = _pycocotools_ap(gt_path, dets, [1, 2, 3])  # image 2's misses are counted
+    stats = _pycocotools_ap(gt_path, _detections(instances), [1, 2, 3])  # image 2's misses are counted
     assert 0 < stats[0] < 1
     np.testing.assert_allclose(logs["val_mask_AP"], stats[0], rtol=0, atol=1e-12)
 
