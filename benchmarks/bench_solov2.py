@@ -29,8 +29,9 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   process held before the step, after its imports and with the model built
   (and how much of it is file-backed: shared libraries' pages), and what the
   step added; TensorFlow's tensor peak), per policy;
-  with `--with-cp` also with `SOLOv2(with_cp=True)` (backbone stages
-  recomputed in the backward pass), with `--micro-batch-size N` also with
+  with `compile(step_executor="sequential")` too (`--step-executors`: the
+  step's ops one at a time); with `--with-cp` also with
+  `SOLOv2(with_cp=True)` (backbone stages recomputed in the backward pass), with `--micro-batch-size N` also with
   `compile(micro_batch_size=N)` (the batch's gradient summed over
   micro-batches of N images), and with both;
 * Matrix NMS alone: N = 100, 500 box masks at 200×336, gaussian and linear;
@@ -50,7 +51,7 @@ benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--inter-op-threads N] [--dtypes float32,mixed_bfloat16]
        [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--micro-batch-size N] [--no-winograd]
-       [--defer-tensorflow-text] [--train-memory-steps 12]
+       [--defer-tensorflow-text] [--train-memory-steps 12] [--step-executors sequential]
        [--peer-python P]
        [--rounds N] [--out FILE]
 """
@@ -289,11 +290,14 @@ def synthetic_instances(h, w, n, rng):
 
 
 def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_compile=False, memory_steps=0,
-                micro_batch_size=None):
+                micro_batch_size=None, step_executor="parallel"):
     """One train step's time, and the process's peak RSS after the timed steps
     and (`memory_steps` > 0) after that many steps in all, the rest run back to
     back: TensorFlow's allocator touches more of its pool over the first ~10
-    steps, so the peak after 4 steps understates a training's."""
+    steps, so the peak after 4 steps understates a training's.
+
+    The step is Keras's train function, as `fit` calls it (on an iterator
+    of one repeated batch), so `compile`'s `step_executor` applies."""
     import numpy as np
     import tensorflow as tf
 
@@ -303,14 +307,15 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_com
     labels = rng.integers(0, model.num_classes, (batch, instances)).astype("int32")
     # jit_compile on the model too: the step leaves out its non-finite-loss
     # report (string formatting), which XLA cannot compile.
-    model.compile(jit_compile=jit_compile, micro_batch_size=micro_batch_size)
+    model.compile(jit_compile=jit_compile, micro_batch_size=micro_batch_size, step_executor=step_executor)
     data = (tf.constant(images), {"gt_masks": tf.constant(masks), "gt_labels": tf.constant(labels)})
-    traced = tf.function(model.train_step, jit_compile=jit_compile)
+    iterator = iter(tf.data.Dataset.from_tensors(data).repeat())
+    function = model.make_train_function()
     calls = [0]
 
     def step():
         calls[0] += 1
-        return traced(data)
+        return function(iterator)
 
     result = {
         "batch": batch,
@@ -318,6 +323,8 @@ def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_com
         "gt_instances_per_img": [instances] * batch,
         "dtype_policy": model.dtype_policy.name,
         "micro_batch_size": micro_batch_size,
+        "step_executor": step_executor,
+        "runs_sequentially": getattr(function, "runs_sequentially", False),
         "train_step_ms": timeit_graph(step, warmup, runs, jit_compile),
         "peak_rss_mb": peak_rss_mb(),
         "tensor_peak_mb": tensor_peak_mb(),
@@ -413,17 +420,20 @@ def run_section(a, section, dtype):
     if section == "infer_light":
         model = build("solov2_light_r18")
         return bench_predict(model, *LIGHT_SIZE, a.warmup, a.runs, [], a.jit_compile)
+    section, _, step_executor = section.partition("@")
     if section in TRAIN_SECTIONS:
         # What the process holds before the step (TensorFlow, keras-hub, the
         # model), to split the peak as `peer_train_memory.py` does for mmdet.
         after_imports = resident_mb()
-        model = build("solov2_r50", with_cp="_cp" in section)
+        model = build(a.train_architecture, with_cp="_cp" in section)
         before = {"after_imports": after_imports, "model_built": resident_mb(),
                   "model_built_file_backed": resident_mb("RssFile")}
-        result = bench_train(model, a.train_warmup, a.train_runs, jit_compile=a.jit_compile,
+        h, w = map(int, a.train_size.split("x"))
+        result = bench_train(model, a.train_warmup, a.train_runs, h=h, w=w, jit_compile=a.jit_compile,
                              memory_steps=a.train_memory_steps,
-                             micro_batch_size=a.micro_batch_size if "_mb" in section else None)
-        return {**result, "rss_before_step_mb": before}
+                             micro_batch_size=a.micro_batch_size if "_mb" in section else None,
+                             step_executor=step_executor or "parallel")
+        return {**result, "architecture": a.train_architecture, "rss_before_step_mb": before}
     if section == "retrace":
         return bench_retrace(build("solov2_r50"))
     raise ValueError(section)
@@ -448,13 +458,14 @@ def run_ours(a):
         if "infer" not in skip:
             sections += [(f"infer:{s}", dtype) for s in a.sizes.split(",")] + [("infer_light", dtype)]
         if "train" not in skip:
-            sections.append(("train", dtype))
-            if a.with_cp:
-                sections.append(("train_cp", dtype))
+            train = ["train"] + ["train_cp"] * a.with_cp
             if a.micro_batch_size:
-                sections.append(("train_mb", dtype))
-                if a.with_cp:
-                    sections.append(("train_cp_mb", dtype))
+                train += ["train_mb"] + ["train_cp_mb"] * a.with_cp
+            # The default step (compile's step_executor="parallel"), then
+            # with each other executor asked for.
+            for executor in ["parallel"] + [e for e in a.step_executors.split(",") if e and e != "parallel"]:
+                suffix = "" if executor == "parallel" else f"@{executor}"
+                sections += [(name + suffix, dtype) for name in train]
         if "retrace" not in skip:
             sections.append(("retrace", dtype))
     import tensorflow as tf
@@ -471,7 +482,7 @@ def run_ours(a):
                "--threads", str(a.threads), "--inter-op-threads", str(inter_op_threads(a)),
                "--warmup", str(a.warmup), "--runs", str(a.runs), "--train-warmup", str(a.train_warmup),
                "--train-runs", str(a.train_runs), "--train-memory-steps", str(a.train_memory_steps),
-               "--forced-k", a.forced_k]
+               "--forced-k", a.forced_k, "--train-architecture", a.train_architecture, "--train-size", a.train_size]
         if a.jit_compile:
             cmd.append("--jit-compile")
         if a.defer_tensorflow_text:
@@ -635,19 +646,29 @@ def table_rows(ours, peer):
         elif section == "infer_light":
             s = "x".join(map(str, r["input_hw"]))
             add_predict(f"predict light R18 {s}{tag}", r, get(peer, "inference_light", s))
-        elif section in TRAIN_SECTIONS:
+        elif section.partition("@")[0] in TRAIN_SECTIONS:
             cp = " with_cp" if "_cp" in section else ""
             if r.get("micro_batch_size"):
                 cp += f" micro_batch_size={r['micro_batch_size']}"
-            add(f"train step R50 b2 512²{tag}{cp}", r["train_step_ms"], get(peer, "train", "train_step_ms"))
+            # What ran (results/bench_train_step_executor.json asked for
+            # "auto", which was sequential in that commit).
+            if r.get("runs_sequentially"):
+                cp += " step_executor=sequential"
+            arch = {"solov2_r50": "R50", "solov2_light_r18": "light R18"}.get(r.get("architecture", "solov2_r50"), r.get("architecture"))
+            h, w = r["input_hw"]
+            size = f"{h}²" if h == w else f"{h}x{w}"
+            # mmdet's train step is R50 at 512² (the peer script's).
+            same = peer if (arch, h, w) == ("R50", 512, 512) else None
+            add(f"train step {arch} b{r['batch']} {size}{tag}{cp}", r["train_step_ms"],
+                get(same, "train", "train_step_ms"))
             # After the timed steps (in results from before 2026-11-25, the
             # process's peak); mmdet's is its script's process, which keeps
             # every step's loss dict (+60–90 MB per step).
             own_rss = r.get("peak_rss_mb", r["process_peak_rss_mb"])
-            ref_rss = get(peer, "process_peak_rss_mb_train")
+            ref_rss = get(same, "process_peak_rss_mb_train")
             rows.append(("  peak RSS MB (timed steps; mmdet: its script)", f"{own_rss:.0f}",
                          f"{ref_rss:.0f}" if ref_rss else "", ratio(own_rss, ref_rss)))
-            loop, ref_loop = r.get("plain_loop"), get(peer, "train_plain_loop")
+            loop, ref_loop = r.get("plain_loop"), get(same, "train_plain_loop")
             if loop:
                 ref_mb = get(ref_loop, "peak_rss_mb")
                 rows.append((f"  peak RSS MB after {loop['steps']} steps (plain loop)",
@@ -655,7 +676,7 @@ def table_rows(ours, peer):
                              ratio(loop["peak_rss_mb"], ref_mb)))
                 if ref_mb:  # the split below: of these peaks
                     own_rss, ref_rss = loop["peak_rss_mb"], ref_mb
-            before, ref_before = r.get("rss_before_step_mb"), get(peer, "train_rss_before_step_mb")
+            before, ref_before = r.get("rss_before_step_mb"), get(same, "train_rss_before_step_mb")
             if before and before["model_built"]:
                 rows.append(("  RSS MB before the step: imports, model built",
                              f"{before['after_imports']:.0f}, {before['model_built']:.0f}",
@@ -732,6 +753,12 @@ def main():
     ap.add_argument("--with-cp", action="store_true", help="also the train step with SOLOv2(with_cp=True)")
     ap.add_argument("--micro-batch-size", type=int, default=None,
                     help="also the train step with compile(micro_batch_size=N) (and with_cp with --with-cp)")
+    ap.add_argument("--train-architecture", default="solov2_r50",
+                    help="the train step's model (mmdet's reference step is solov2_r50's)")
+    ap.add_argument("--train-size", default="512x512", help="the train step's images, HxW (mmdet's: 512x512)")
+    ap.add_argument("--step-executors", default="sequential",
+                    help="the train step also with compile(step_executor=E) for each E, besides the "
+                         "default 'parallel'; '' for the default only")
     ap.add_argument("--no-winograd", action="store_true",
                     help="SOLOv2(winograd=False): direct 3x3 convs after the backbone (FPN, mask branch, head; float32)")
     ap.add_argument("--defer-tensorflow-text", action="store_true",

@@ -42,7 +42,7 @@ def _scale(text):
 def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, scale=(1333, 800),
           max_instances=100, schedule="1x", eval_every=1, base_lr=0.01, warmup_steps=500,
           steps_per_epoch=None, seed=0, optimizer=None, callbacks=None, crop_size=None,
-          crop_type="absolute", photometric_distortion=None, micro_batch_size=None):
+          crop_type="absolute", photometric_distortion=None, micro_batch_size=None, step_executor="parallel"):
     """`model.fit` with mmdet's optimiser/schedule and the standard callbacks.
 
     A run killed at any point resumes (same command, same `output_dir`)
@@ -52,8 +52,10 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     `save_freq` restores mid-epoch weights but restarts that epoch's data,
     which would repeat batches; epoch-sized backups resume exactly.)
     `scale`, `crop_size`, `crop_type` and `photometric_distortion` are
-    `make_dataset`'s; `micro_batch_size` is `SOLOv2.compile`'s (the same
-    update from a batch's micro-batches, in less memory).
+    `make_dataset`'s; `micro_batch_size` and `step_executor` are
+    `SOLOv2.compile`'s (the same update from a batch's micro-batches, in
+    less memory; `"sequential"`: the step's ops one at a time on the CPU,
+    less memory for some time).
 
     `output_dir` gets `split.json` (the image ids of each split, written
     once every image has been checked, before training), `backup/`,
@@ -82,7 +84,8 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
         fractions = [m / (default_epochs * steps) for m in lr.milestones]
         lr = WarmupMultiStepDecay(lr.base_lr, [int(f * epochs * steps) for f in fractions],
                                   warmup_steps=min(warmup_steps, steps * epochs // 4))
-    model.compile(optimizer or keras.optimizers.SGD(lr, momentum=0.9), micro_batch_size=micro_batch_size)
+    model.compile(optimizer or keras.optimizers.SGD(lr, momentum=0.9), micro_batch_size=micro_batch_size,
+                  step_executor=step_executor)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out / "split.json", {"train": [int(i) for i in train_ids],
@@ -134,7 +137,7 @@ def _cmd_train(args):
           scale, args.max_instances, args.schedule,
           steps_per_epoch=args.steps_per_epoch, seed=args.seed, eval_every=args.eval_every,
           crop_size=crop_size, crop_type=args.crop_type, photometric_distortion=args.photometric,
-          micro_batch_size=args.micro_batch_size)
+          micro_batch_size=args.micro_batch_size, step_executor=args.step_executor)
 
 
 def _cmd_evaluate(args):
@@ -173,6 +176,9 @@ def add_subcommands(sub):
     p.add_argument("--micro-batch-size", type=_positive_int, default=None,
                    help="images per forward/backward pass within a step: the same update as the whole "
                         "batch in less memory (needs norm_eval, as the presets have)")
+    p.add_argument("--step-executor", default="parallel", choices=["parallel", "sequential"],
+                   help="how the train step's ops run: independent ones at once (TensorFlow's default) or one "
+                        "at a time on the CPU (less memory, some time; not with --micro-batch-size)")
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="fraction of the images held out for the validation mask AP, in [0, 1) (0: none)")

@@ -131,22 +131,29 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys):
         assert err.strip().splitlines()[-1] == message
 
 
-def test_train_on_a_missing_image_names_it_and_leaves_no_output_folder(tmp_path, capsys):
-    # Before: the output folder and its split.json were written before the images were checked.
+def write_training_folder(tmp_path, file_names=("a.png",)):
+    """A 1-class COCO JSON listing `file_names` (only `a.png` is written, 32×32,
+    one square each) and a tiny model for it: `(annotations, images, model)`."""
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32},
-                   {"id": 2, "file_name": "gone.png", "height": 32, "width": 32}],
+        "images": [{"id": k, "file_name": name, "height": 32, "width": 32} for k, name in enumerate(file_names, 1)],
         "annotations": [{"id": k, "image_id": k, "category_id": 1, "iscrowd": 0, "area": 64.0,
-                         "bbox": [4, 4, 8, 8], "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]]} for k in (1, 2)],
+                         "bbox": [4, 4, 8, 8], "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]]}
+                        for k in range(1, len(file_names) + 1)],
         "categories": [{"id": 1, "name": "a"}]}))
     tiny_model(num_classes=1, class_names=["a"]).save(tmp_path / "m.keras")
+    return ann, images, tmp_path / "m.keras"
+
+
+def test_train_on_a_missing_image_names_it_and_leaves_no_output_folder(tmp_path, capsys):
+    # Before: the output folder and its split.json were written before the images were checked.
+    ann, images, model = write_training_folder(tmp_path, ("a.png", "gone.png"))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--annotations", str(ann), "--images", str(images), "--model", str(tmp_path / "m.keras"),
+        main(["train", "--annotations", str(ann), "--images", str(images), "--model", str(model),
               "--output", str(out), "--val-fraction", "0", "--batch-size", "1", "--scale", "64,32"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -167,3 +174,17 @@ def test_model_option_names_what_it_accepts_and_fits_a_saved_model_to_the_data(t
                                   np.asarray(model.mask_feature_head.weights[0]))
     same = _load_model(str(tmp_path / "m.keras"), num_classes=3, class_names=["x", "y", "z"])
     assert same.num_classes == 3 and same.class_names == ["x", "y", "z"]
+
+
+def test_train_refuses_the_sequential_step_with_micro_batches_in_one_line(tmp_path, capsys):
+    ann, images, model = write_training_folder(tmp_path)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--annotations", str(ann), "--images", str(images), "--model", str(model),
+              "--output", str(out), "--val-fraction", "0", "--batch-size", "2", "--scale", "64,32",
+              "--step-executor", "sequential", "--micro-batch-size", "1"])
+    assert exit_info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("keras-solov2 train: error: step_executor='sequential' runs the step's ops one at a "
+                           "time on the CPU alone, but TensorFlow runs the micro-batch loop"), last
+    assert not out.exists()

@@ -1,5 +1,6 @@
 """MirroredStrategy on 2 logical CPU devices equals one device on the same global batch,
-with and without micro-batches within each replica's step."""
+with and without micro-batches within each replica's step; the sequential step is for one
+replica."""
 
 import json
 import subprocess
@@ -38,20 +39,40 @@ SCRIPT = textwrap.dedent(
                         "deltas": [(np.asarray(v).ravel()[:50] - b).tolist()
                                    for v, b in zip(model.trainable_variables[-6:], before)]}
         result[mode]["replicas"] = strategy.num_replicas_in_sync
+    # compile(step_executor="sequential") under replicas, which must run at
+    # once: refused; a .keras file saved with it loads, trained in parallel.
+    saved = tiny_model()
+    saved.compile(step_executor="sequential")
+    saved.save(sys.argv[1] + "/sequential.keras")
+    import warnings
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        try:
+            tiny_model().compile(step_executor="sequential")
+        except ValueError as error:
+            result["sequential_refused"] = str(error)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = keras.saving.load_model(sys.argv[1] + "/sequential.keras")
+        result["loaded_executor"] = loaded.step_executor
+        result["load_warnings"] = [str(w.message) for w in caught]
     print("RESULT" + json.dumps(result))
     """
 )
 
 
-def test_mirrored_two_cpus_equals_single_device():
+def test_mirrored_two_cpus_equals_single_device(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                          timeout=600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert line, proc.stderr[-3000:]
     r = json.loads(line[0][len("RESULT"):])
     import numpy as np
 
     assert r["single"]["replicas"] == 1
+    assert "2 tf.distribute replicas, which must run at once" in r.get("sequential_refused", ""), r
+    assert r["loaded_executor"] == "parallel"
+    assert any("replicas" in w and "trains with step_executor='parallel'" in w for w in r["load_warnings"]), r
     for mode in ("mirrored", "mirrored_micro"):
         assert r[mode]["replicas"] == 2
         assert abs(r[mode]["loss"] - r["single"]["loss"]) < 1e-4 * abs(r["single"]["loss"]), mode
