@@ -33,15 +33,16 @@ import tensorflow as tf
 STEP_EXECUTORS = ("parallel", "sequential")
 
 
-def check_step_executor(value, strategy, jit_compile=False, micro_batch_size=None):
+def check_step_executor(value, strategy, jit_compile=False, micro_batch_size=None, steps_per_execution=1):
     """`value` if it names a step executor that can run here, else a
     `ValueError` naming the field and why.
 
     `"sequential"` is for a step on the CPU alone: `tf.distribute` replicas
     (and accelerators' streams) must run at once; an XLA-compiled step is one
-    op to the executor; and TensorFlow runs `tf.while_loop` bodies, hence
-    micro-batches, far slower on that executor (R50 float32 4.1 against 2.5 s
-    per step).
+    op to the executor; and TensorFlow runs `tf.while_loop` bodies far
+    slower on that executor, hence no micro-batches (R50 float32 4.1 against
+    2.5 s per step) and no `steps_per_execution` > 1 (a tiny model's epoch of
+    16 steps: 1 s in parallel, not done after 9 minutes).
 
     >>> check_step_executor("sequential", tf.distribute.get_strategy())
     'sequential'
@@ -60,6 +61,9 @@ def check_step_executor(value, strategy, jit_compile=False, micro_batch_size=Non
     elif micro_batch_size is not None:
         why = ("TensorFlow runs the micro-batch loop (a tf.while_loop) far slower on that executor; for both, "
                "set tf.config.threading.set_inter_op_parallelism_threads(1) before TensorFlow starts")
+    elif steps_per_execution not in (None, 1):
+        why = (f"steps_per_execution={steps_per_execution} runs the steps in a tf.while_loop, which TensorFlow "
+               "runs far slower on that executor")
     if why:
         raise ValueError(f"step_executor='sequential' runs the step's ops one at a time on the CPU alone, but {why}.")
     return value

@@ -41,6 +41,7 @@ def test_sequential_calls_run_the_single_threaded_executor_and_restore_the_defau
     # The micro-batch loop runs far slower on that executor.
     ({"step_executor": "sequential", "micro_batch_size": 1}, r"one at a time on the CPU alone, but .*tf.while_loop"),
     ({"step_executor": "sequential", "jit_compile": True}, r"one at a time on the CPU alone, but under jit_compile"),
+    ({"step_executor": "sequential", "steps_per_execution": 4}, r"but steps_per_execution=4 runs the steps in a "),
 ])
 def test_compile_names_a_step_executor_that_cannot_run(kwargs, message):
     with pytest.raises(ValueError, match=message):
