@@ -55,7 +55,7 @@ def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, 
     `make_dataset`'s; `micro_batch_size` and `step_executor` are
     `SOLOv2.compile`'s (the same update from a batch's micro-batches, in
     less memory; `"sequential"`: the step's ops one at a time on the CPU,
-    less memory for some time).
+    less memory, slower where the ops are small).
 
     `output_dir` gets `split.json` (the image ids of each split, written
     once every image has been checked, before training), `backup/`,
@@ -178,7 +178,7 @@ def add_subcommands(sub):
                         "batch in less memory (needs norm_eval, as the presets have)")
     p.add_argument("--step-executor", default="parallel", choices=["parallel", "sequential"],
                    help="how the train step's ops run: independent ones at once (TensorFlow's default) or one "
-                        "at a time on the CPU (less memory, some time; not with --micro-batch-size)")
+                        "at a time on the CPU (less memory; slower on small images; not with --micro-batch-size)")
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="fraction of the images held out for the validation mask AP, in [0, 1) (0: none)")
