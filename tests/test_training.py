@@ -284,6 +284,19 @@ def test_with_cp_recomputes_backbone_stages_and_trains_the_same():
     assert SOLOv2.from_config(checkpointed.get_config()).with_cp
 
 
+def assert_same_update(model, reference, before):
+    """`model`'s weights moved from `before` as `reference`'s did, and more
+    than half of them moved at all."""
+    moved = 0
+    for a, b, v0 in zip(reference.trainable_variables, model.trainable_variables, before):
+        delta = np.asarray(a) - v0
+        moved += np.abs(delta).max() > 1e-7
+        # atol: the weights' own rounding (a few ulps of |w| ≈ 0.1) over the update's.
+        np.testing.assert_allclose(np.asarray(b) - v0, delta, rtol=1e-3, atol=1e-3 * np.abs(delta).max() + 3e-8,
+                                   err_msg=a.path)
+    assert moved > len(before) // 2
+
+
 @pytest.mark.parametrize("micro_batch_size", [1, 3])
 def test_micro_batches_give_the_batch_update(micro_batch_size):
     """compile(micro_batch_size=...): the step's micro-batches (3 of 1 image
@@ -304,14 +317,7 @@ def test_micro_batches_give_the_batch_update(micro_batch_size):
         np.testing.assert_allclose(logs[1][key], logs[0][key], rtol=1e-5, err_msg=key)
     graph = _train_step_graph(micro, images, y)
     assert any(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
-    moved = 0
-    for a, b, v0 in zip(plain.trainable_variables, micro.trainable_variables, before):
-        delta = np.asarray(a) - v0
-        moved += np.abs(delta).max() > 1e-7
-        # atol: the weights' own rounding (a few ulps of |w| ≈ 0.1) over the update's.
-        np.testing.assert_allclose(np.asarray(b) - v0, delta, rtol=1e-3, atol=1e-3 * np.abs(delta).max() + 3e-8,
-                                   err_msg=a.path)
-    assert moved > len(before) // 2
+    assert_same_update(micro, plain, before)
 
 
 def test_micro_batch_size_needs_norm_eval_and_a_positive_int():
