@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_solov2 import losses, postprocess, targets
 from keras_solov2.atomic_files import write_directory_atomically, write_file_atomically
+from keras_solov2.backward_stages import BackwardStages
 from keras_solov2.checks import number_in_range, positive_int
 from keras_solov2.gather import take_rows
 from keras_solov2.layers.dynamic_mask_conv import DynamicMaskConv
@@ -336,7 +337,17 @@ class SOLOv2(keras.Model):
             `(B, H/4, W/4, E)`.
         """
         _check_image_shape(images)
-        x = self._normalise(images)
+        pyramid = self._pyramid(self._normalise(images), training)
+        mask_features = self.mask_feature_head(pyramid[:4])
+        cls_logits, kernels = self.instance_head(pyramid, dense_kernels=dense_kernels)
+        return {
+            "cls_logits": cls_logits,
+            "kernels" if dense_kernels else "kernel_feats": kernels,
+            "mask_features": mask_features,
+        }
+
+    def _pyramid(self, x, training):
+        """Normalised images → the 5 FPN levels, as `call` runs them."""
         if training and not self.norm_eval:
             feats = self.feature_extractor(x, training=True)
         elif training and self._checkpointed_extractor is not None:
@@ -347,14 +358,7 @@ class SOLOv2(keras.Model):
         # under norm_eval (and with_cp) the layers below see training=False even
         # in fit(). None of them (convs, GroupNorm) behaves differently in
         # training; pass `training` explicitly to any layer added here that does.
-        pyramid = self.neck(feats)
-        mask_features = self.mask_feature_head(pyramid[:4])
-        cls_logits, kernels = self.instance_head(pyramid, dense_kernels=dense_kernels)
-        return {
-            "cls_logits": cls_logits,
-            "kernels" if dense_kernels else "kernel_feats": kernels,
-            "mask_features": mask_features,
-        }
+        return self.neck(feats)
 
     def _normalise(self, images):
         """RGB pixels → `(pixel − mean) / std` (mmdet's data preprocessor), compute dtype."""
@@ -905,11 +909,53 @@ class SOLOv2(keras.Model):
         return self._track(loss_dict)
 
     def _gradients(self, images, y, variables, batch_num_pos=None):
-        """This replica's loss dict and the (loss-scaled) gradients of its loss."""
+        """This replica's loss dict and the (loss-scaled) gradients of its loss.
+
+        With Winograd convs (float32 on the CPU) and the default executor,
+        the forward pass and loss run in stages whose backward passes run
+        one after another (`_staged_gradients`); otherwise under one tape.
+        """
+        if self.instance_head.uses_winograd() and getattr(self, "step_executor", "parallel") == "parallel":
+            return self._staged_gradients(images, y, variables, batch_num_pos)
         with tf.GradientTape() as tape:
             loss_dict = self._replica_loss(images, y, training=True, batch_num_pos=batch_num_pos)
             scaled = self.optimizer.scale_loss(loss_dict["loss"])
         return loss_dict, tape.gradient(scaled, variables)
+
+    def _staged_gradients(self, images, y, variables, batch_num_pos=None):
+        """`_gradients` by `BackwardStages`: the same forward pass and loss as
+        `_replica_loss(training=True)`, differentiated module by module in
+        reverse (the mask-feature branch, the kernel towers, the category
+        towers, the grid resizing, the backbone and FPN), each module's
+        backward pass once the one before has finished. The default executor
+        would otherwise run the Winograd backward passes of the head's towers,
+        of the 128² mask-feature convs and of the FPN at once, each with
+        transformed tiles 2.25× the size of its input. R50 b2 512² float32
+        (2026-12-07, three runs each): peak RSS 3030–3084 against 3165–3263 MB
+        after 12 steps, light R18 b2 800×1344 (two runs): 4352–4507 against
+        4862–5118 MB, at the same step time. Neither in bfloat16 (direct
+        convs; 35–80 MB more) nor under `step_executor="sequential"` (whose
+        own order peaks 100 MB lower) does it help, so those keep one tape.
+        """
+        _check_image_shape(images)
+        if not self.built:
+            self.build(images.shape)
+        head = self.instance_head
+        stages = BackwardStages()
+        pyramid = stages.run(lambda x: self._pyramid(x, training=True), self._normalise(images))
+        feats = stages.run(head.level_features, pyramid)
+        cls_logits = stages.run(head.category_branches, feats)
+        kernel_feats = stages.run(head.kernel_towers, feats)
+        # Last before the loss, so differentiated first: its 128² activations go first.
+        mask_features = stages.run(self.mask_feature_head, pyramid[:4])
+
+        def loss(cls_logits, kernel_feats, mask_features):
+            outputs = {"cls_logits": cls_logits, "kernel_feats": kernel_feats, "mask_features": mask_features}
+            loss_dict = self._loss_of(outputs, images, y, batch_num_pos)
+            return loss_dict, self.optimizer.scale_loss(loss_dict["loss"])
+
+        loss_dict, scaled = stages.run(loss, cls_logits, kernel_feats, mask_features)
+        return loss_dict, stages.gradients(scaled, variables)
 
     def _micro_batch_gradients(self, images, y, variables, size):
         """The batch's loss dict and (loss-scaled) gradients, `size` images at a time.
@@ -1036,9 +1082,13 @@ class SOLOv2(keras.Model):
         over replicas, so the replicas' losses, and the gradients `fit` sums
         across them, add up to those of the global batch on one device; a
         micro-batch passes its batch's as `batch_num_pos`. A batch with a
-        non-finite pixel gets NaN losses (`_nan_if_non_finite`).
+        non-finite pixel gets NaN losses (`_nan_if_non_finite`). (`train_step`
+        runs the same forward pass and loss, in stages in float32: `_gradients`.)
         """
-        outputs = self(images, training=training, dense_kernels=False)
+        return self._loss_of(self(images, training=training, dense_kernels=False), images, y, batch_num_pos)
+
+    def _loss_of(self, outputs, images, y, batch_num_pos=None):
+        """`_replica_loss` of the head outputs `outputs` of `images`."""
         if batch_num_pos is not None:
             reduce_num_pos = lambda n: batch_num_pos  # noqa: E731
         else:
