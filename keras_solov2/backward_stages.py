@@ -28,7 +28,8 @@ class BackwardStages:
     variables `fn` reads). `gradients(target, variables)` then
     differentiates `target` (computed by the last stage) and runs each
     earlier stage's backward pass after the later one's has finished,
-    passing on the gradients of the tensors the stages share.
+    passing on the gradients of the tensors the stages share (a stage's
+    inputs that no earlier stage made get none).
 
     Example:
     >>> import tensorflow as tf
@@ -67,7 +68,12 @@ class BackwardStages:
         totals = [None] * count
         pending = {}  # id(tensor) → its gradient so far, from later stages
         done = []  # the gradients the previous stage computed
+        # An input no earlier stage made (e.g. the images) needs no gradient.
+        made = [set()]
+        for _, _, outputs in self._stages[:-1]:
+            made.append(made[-1] | {id(t) for t in outputs})
         for index, (tape, inputs, outputs) in enumerate(reversed(self._stages)):
+            inputs = [t for t in inputs if id(t) in made[len(self._stages) - 1 - index]]
             if index == 0:
                 targets, upstream = [target], None
             else:

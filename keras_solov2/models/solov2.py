@@ -931,11 +931,12 @@ class SOLOv2(keras.Model):
         would otherwise run the Winograd backward passes of the head's towers,
         of the 128² mask-feature convs and of the FPN at once, each with
         transformed tiles 2.25× the size of its input. R50 b2 512² float32
-        (2026-12-07, three runs each): peak RSS 3030–3084 against 3165–3263 MB
-        after 12 steps, light R18 b2 800×1344 (two runs): 4352–4507 against
-        4862–5118 MB, at the same step time. Neither in bfloat16 (direct
-        convs; 35–80 MB more) nor under `step_executor="sequential"` (whose
-        own order peaks 100 MB lower) does it help, so those keep one tape.
+        (2026-12-07, three to six runs each): peak RSS 3030–3102 against
+        3165–3368 MB after 12 steps; light R18 b2 800×1344 (two runs):
+        4352–4507 against 4862–5118 MB; at the same step time. Neither in
+        bfloat16 (direct convs; 35–80 MB more) nor under
+        `step_executor="sequential"` (whose own order peaks 100 MB lower)
+        does it help, so those keep one tape.
         """
         _check_image_shape(images)
         if not self.built:
