@@ -46,7 +46,8 @@ class BackwardStages:
 
     def run(self, fn, *args):
         """`fn(*args)`, recorded as the next stage. Returns `fn`'s result."""
-        inputs = [t for t in tf.nest.flatten(args) if _differentiable(t)]
+        # Once each: the gradient for a source is its total over all its uses.
+        inputs = list({id(t): t for t in tf.nest.flatten(args) if _differentiable(t)}.values())
         with tf.GradientTape() as tape:
             tape.watch(inputs)
             result = fn(*args)
@@ -69,11 +70,13 @@ class BackwardStages:
         pending = {}  # id(tensor) → its gradient so far, from later stages
         done = []  # the gradients the previous stage computed
         # An input no earlier stage made (e.g. the images) needs no gradient.
-        made = [set()]
-        for _, _, outputs in self._stages[:-1]:
-            made.append(made[-1] | {id(t) for t in outputs})
+        maker = {}  # id(tensor) → the first stage that returned it
+        for i, (_, _, outputs) in enumerate(self._stages):
+            for t in outputs:
+                maker.setdefault(id(t), i)
         for index, (tape, inputs, outputs) in enumerate(reversed(self._stages)):
-            inputs = [t for t in inputs if id(t) in made[len(self._stages) - 1 - index]]
+            position = len(self._stages) - 1 - index
+            inputs = [t for t in inputs if maker.get(id(t), position) < position]
             if index == 0:
                 targets, upstream = [target], None
             else:

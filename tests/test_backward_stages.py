@@ -53,6 +53,15 @@ def test_stages_give_the_gradients_of_one_tape_and_differentiate_in_reverse():
         assert (g3.op in _ancestors(g1)) == waits
 
 
+def test_a_tensor_passed_on_unchanged_and_used_twice_gets_its_gradient_once():
+    w, v = tf.Variable(2.0), tf.Variable(5.0)
+    stages = BackwardStages()
+    t = stages.run(lambda x: w * x, tf.constant(3.0))
+    same = stages.run(lambda t: t, t)
+    z = stages.run(lambda a, b: v * a * b, t, same)  # v·(3w)²
+    assert [float(g) for g in stages.gradients(z, [w, v])] == [180.0, 36.0]
+
+
 def test_gradients_of_variables_no_stage_reads_are_none():
     w, unused = tf.Variable(2.0), tf.Variable(1.0)
     stages = BackwardStages()
