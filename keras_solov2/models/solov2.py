@@ -931,7 +931,7 @@ class SOLOv2(keras.Model):
         would otherwise run the Winograd backward passes of the head's towers,
         of the 128² mask-feature convs and of the FPN at once, each with
         transformed tiles 2.25× the size of its input. R50 b2 512² float32
-        (2026-12-07, three to six runs each): peak RSS 3030–3102 against
+        (2026-12-07, eight runs against three): peak RSS 3030–3190 against
         3165–3368 MB after 12 steps, at the same step time; light R18 b2
         800×1344 (two runs): 4352–4507 against 4862–5118 MB. Neither in
         bfloat16 (direct convs; 35–80 MB more) nor under
