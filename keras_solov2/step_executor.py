@@ -1,16 +1,17 @@
 """How TensorFlow runs the train step's ops: `compile(step_executor=...)`.
 
 TensorFlow's default executor (`"parallel"`) starts every op whose inputs are
-ready, on its inter-op threads, so independent parts of the backward pass (the
-instance head's two towers, the mask-feature branch) run at once and their
-temporaries are alive together. On a CPU each op already runs on every core
-(intra-op threads); `"sequential"` runs them one at a time in a fixed order,
-as PyTorch's eager mode does, which lowers the step's memory peak, at a cost
-in time where the ops are small. Batch 2, float32, peak RSS after 12 steps:
-R50 at 512² 2.80–3.04 against 3.38–3.43 GB, light R18 at 800×1344 3.58–4.18
-against 4.95–5.13 GB, both at the same step time; R50 at 512² under
-`mixed_bfloat16` 0.14–0.16 GB less for 12–22 % more time; the demo's light R18
-at 8 × 128² 42 % more time for nothing (README, "Training with less memory").
+ready, on its inter-op threads, so independent ops and their temporaries are
+alive together (in float32 on the CPU the step's modules differentiate one
+after another, `SOLOv2._staged_gradients`, but the ops within one still
+overlap). On a CPU each op already runs on every core (intra-op threads);
+`"sequential"` runs them one at a time in a fixed order, as PyTorch's eager
+mode does, which lowers the step's memory peak, at a cost in time where the
+ops are small. Batch 2, float32, peak RSS after 12 steps: R50 at 512²
+2.79–2.86 against 3.06–3.10 GB for 14–19 % more time, light R18 at 800×1344
+3.88 against 4.24 GB at the same time; R50 at 512² under `mixed_bfloat16`
+0.08–0.19 GB less for up to 22 % more time; the demo's light R18 at 8 × 128² 42 %
+more time for nothing (README, "Training with less memory").
 
 TensorFlow has no public per-function switch for this (the public one,
 `tf.config.threading.set_inter_op_parallelism_threads(1)`, is process-wide

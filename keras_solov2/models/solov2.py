@@ -723,17 +723,19 @@ class SOLOv2(keras.Model):
                 statistics would see the micro-batches.
             step_executor: how TensorFlow runs the train step's ops.
                 `"parallel"`: TensorFlow's default, independent ops at
-                once. `"sequential"`: one at a time, each on every
-                intra-op thread, as PyTorch's eager mode runs them, so no
-                two ops' temporaries are alive together (TensorFlow's
-                single-threaded executor, `keras_solov2/step_executor.py`;
-                for a step on the CPU alone, without XLA, micro-batches or
+                once (in float32 on the CPU, module by module:
+                `_staged_gradients`). `"sequential"`: one at a time, each
+                on every intra-op thread, as PyTorch's eager mode runs
+                them, so no two ops' temporaries are alive together
+                (TensorFlow's single-threaded executor,
+                `keras_solov2/step_executor.py`; for a step on the CPU
+                alone, without XLA, micro-batches or
                 `steps_per_execution` > 1).
                 Less memory, at a cost in time where ops are small: batch
-                2, float32, peak RSS after 12 steps, R50 at 512² 2.80–3.04
-                against 3.38–3.43 GB and light R18 at 800×1344 3.58–4.18
-                against 4.95–5.13 GB, both at the same step time; R50 at
-                512² under `mixed_bfloat16` 0.14–0.16 GB less for 12–22 %
+                2, float32, peak RSS after 12 steps, R50 at 512² 2.79–2.86
+                against 3.06–3.10 GB for 14–19 % more time, light R18 at
+                800×1344 3.88 against 4.24 GB at the same time; R50 at
+                512² under `mixed_bfloat16` 0.08–0.19 GB less for up to 22 %
                 more time, the demo's light R18 at 128² 42 % more time for
                 nothing (README, "Training with less memory").
                 Evaluation and `predict` keep the default executor.
