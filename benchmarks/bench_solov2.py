@@ -33,7 +33,8 @@ does for mmdet (same sizes, same thread count, medians after warm-up):
   step's ops one at a time); with `--with-cp` also with
   `SOLOv2(with_cp=True)` (backbone stages recomputed in the backward pass), with `--micro-batch-size N` also with
   `compile(micro_batch_size=N)` (the batch's gradient summed over
-  micro-batches of N images), and with both;
+  micro-batches of N images; `none`: the whole batch in one pass, where
+  compile's default `"auto"` micro-batches), and with both;
 * Matrix NMS alone: N = 100, 500 box masks at 200×336, gaussian and linear;
 * retracing: `model.predict` on several image sizes in one process, and the
   number of graphs it compiled.
@@ -50,7 +51,7 @@ candidates), `peer_predict_light.py` (mmdet's light R18) and
 benchmarks/README.md.
 
 Usage: python benchmarks/bench_solov2.py [--threads 2] [--inter-op-threads N] [--dtypes float32,mixed_bfloat16]
-       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--micro-batch-size N] [--no-winograd]
+       [--skip infer,train,nms,retrace] [--jit-compile] [--with-cp] [--micro-batch-size N|none] [--no-winograd]
        [--defer-tensorflow-text] [--train-memory-steps 12] [--step-executors sequential]
        [--peer-python P]
        [--rounds N] [--out FILE]
@@ -290,7 +291,7 @@ def synthetic_instances(h, w, n, rng):
 
 
 def bench_train(model, warmup, runs, batch=2, h=512, w=512, instances=4, jit_compile=False, memory_steps=0,
-                micro_batch_size=None, step_executor="parallel"):
+                micro_batch_size="auto", step_executor="parallel"):
     """One train step's time, and the process's peak RSS after the timed steps
     and (`memory_steps` > 0) after that many steps in all, the rest run back to
     back: TensorFlow's allocator touches more of its pool over the first ~10
@@ -431,12 +432,17 @@ def run_section(a, section, dtype):
         h, w = map(int, a.train_size.split("x"))
         result = bench_train(model, a.train_warmup, a.train_runs, h=h, w=w, jit_compile=a.jit_compile,
                              memory_steps=a.train_memory_steps,
-                             micro_batch_size=a.micro_batch_size if "_mb" in section else None,
+                             micro_batch_size=_micro_batch_size(a.micro_batch_size) if "_mb" in section else "auto",
                              step_executor=step_executor or "parallel")
         return {**result, "architecture": a.train_architecture, "rss_before_step_mb": before}
     if section == "retrace":
         return bench_retrace(build("solov2_r50"))
     raise ValueError(section)
+
+
+def _micro_batch_size(text):
+    """`--micro-batch-size`'s value for `compile`: an int, or `None` for `none`."""
+    return None if text.lower() == "none" else int(text)
 
 
 def _subprocess(cmd, stdout=None):
@@ -648,7 +654,7 @@ def table_rows(ours, peer):
             add_predict(f"predict light R18 {s}{tag}", r, get(peer, "inference_light", s))
         elif section.partition("@")[0] in TRAIN_SECTIONS:
             cp = " with_cp" if "_cp" in section else ""
-            if r.get("micro_batch_size"):
+            if "_mb" in section:
                 cp += f" micro_batch_size={r['micro_batch_size']}"
             # What ran (results/bench_train_step_executor.json asked for
             # "auto", which was sequential in that commit).
@@ -751,8 +757,9 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of: infer,train,nms,retrace")
     ap.add_argument("--jit-compile", action="store_true", help="XLA for backbone/head/predict/train step")
     ap.add_argument("--with-cp", action="store_true", help="also the train step with SOLOv2(with_cp=True)")
-    ap.add_argument("--micro-batch-size", type=int, default=None,
-                    help="also the train step with compile(micro_batch_size=N) (and with_cp with --with-cp)")
+    ap.add_argument("--micro-batch-size", default=None,
+                    help="also the train step with compile(micro_batch_size=N) (and with_cp with --with-cp); "
+                         "none: with the whole batch in one pass (compile's default is auto)")
     ap.add_argument("--train-architecture", default="solov2_r50",
                     help="the train step's model (mmdet's reference step is solov2_r50's)")
     ap.add_argument("--train-size", default="512x512", help="the train step's images, HxW (mmdet's: 512x512)")

@@ -7,11 +7,15 @@ after another, `SOLOv2._staged_gradients`, but the ops within one still
 overlap). On a CPU each op already runs on every core (intra-op threads);
 `"sequential"` runs them one at a time in a fixed order, as PyTorch's eager
 mode does, which lowers the step's memory peak, at a cost in time where the
-ops are small. Batch 2, float32, peak RSS after 12 steps: R50 at 512²
-2.79–2.86 against 3.06–3.10 GB for 14–19 % more time, light R18 at 800×1344
-3.88 against 4.24 GB at the same time; R50 at 512² under `mixed_bfloat16`
-0.08–0.19 GB less for up to 22 % more time; the demo's light R18 at 8 × 128² 42 %
-more time for nothing (README, "Training with less memory").
+ops are small. Batch 2, float32, peak RSS after 12 steps, against one pass
+with the default executor: R50 at 512² 2.79–2.86 against 3.06–3.10 GB for
+14–19 % more time, light R18 at 800×1344 3.88 against 4.24 GB at the same
+time; R50 at 512² under `mixed_bfloat16` 0.08–0.19 GB less for up to 22 %
+more time; the demo's light R18 at 8 × 128² 42 % more time for nothing. It
+runs no micro-batches (the `tf.while_loop` is far slower on that executor),
+so for float32 images of 512² and more, which `compile`'s default
+`micro_batch_size="auto"` runs one at a time (2.68–2.79 GB in both cases),
+the default uses less (README, "Training with less memory").
 
 TensorFlow has no public per-function switch for this (the public one,
 `tf.config.threading.set_inter_op_parallelism_threads(1)`, is process-wide

@@ -42,7 +42,7 @@ def _scale(text):
 def train(model, info, train_ids, val_ids, output_dir, epochs=12, batch_size=2, scale=(1333, 800),
           max_instances=100, schedule="1x", eval_every=1, base_lr=0.01, warmup_steps=500,
           steps_per_epoch=None, seed=0, optimizer=None, callbacks=None, crop_size=None,
-          crop_type="absolute", photometric_distortion=None, micro_batch_size=None, step_executor="parallel"):
+          crop_type="absolute", photometric_distortion=None, micro_batch_size="auto", step_executor="parallel"):
     """`model.fit` with mmdet's optimiser/schedule and the standard callbacks.
 
     A run killed at any point resumes (same command, same `output_dir`)
@@ -114,6 +114,16 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
+def _micro_batch_size(text):
+    """argparse type of `--micro-batch-size`: `auto`, `none` or a positive int."""
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return positive_int("value", int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a positive integer, got {text!r}") from None
+
+
 def _pair(text):
     if text is None:
         return None
@@ -173,12 +183,15 @@ def add_subcommands(sub):
     p.add_argument("--output", default="solov2_run")
     p.add_argument("--epochs", type=_positive_int, default=12)
     p.add_argument("--batch-size", type=_positive_int, default=2)
-    p.add_argument("--micro-batch-size", type=_positive_int, default=None,
+    p.add_argument("--micro-batch-size", type=_micro_batch_size, default="auto",
                    help="images per forward/backward pass within a step: the same update as the whole "
-                        "batch in less memory (needs norm_eval, as the presets have)")
+                        "batch in less memory (needs norm_eval, as the presets have); none: the whole batch; "
+                        "auto (default): up to 512x512 padded pixels per pass in float32 on the CPU, "
+                        "else the whole batch")
     p.add_argument("--step-executor", default="parallel", choices=["parallel", "sequential"],
                    help="how the train step's ops run: independent ones at once (TensorFlow's default) or one "
-                        "at a time on the CPU (less memory; slower on small images; not with --micro-batch-size)")
+                        "at a time on the CPU (less memory than one pass; slower on small images; runs no "
+                        "micro-batches, so for float32 images of 512x512 and more the default uses less)")
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="fraction of the images held out for the validation mask AP, in [0, 1) (0: none)")

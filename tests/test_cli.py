@@ -64,7 +64,7 @@ def test_predict_reads_a_photo_turned_by_its_exif_orientation(tmp_path):
 
 
 @pytest.mark.parametrize("command, option", [
-    ("train", "--micro-batch-size"), ("train", "--batch-size"), ("train", "--epochs"),
+    ("train", "--batch-size"), ("train", "--epochs"),
     ("train", "--eval-every"), ("train", "--steps-per-epoch"), ("train", "--max-instances"),
     ("evaluate", "--batch-size"),
 ])
@@ -77,6 +77,16 @@ def test_count_options_reject_values_below_one(capsys, command, option):
         main(args)
     assert exit_info.value.code == 2
     assert f"{option}: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_micro_batch_size_option_takes_auto_none_or_a_count(capsys):
+    from keras_solov2.training import _micro_batch_size
+
+    assert [_micro_batch_size(v) for v in ("auto", "AUTO", "none", "3")] == ["auto", "auto", None, 3]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--annotations", "a.json", "--images", "img", "--micro-batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--micro-batch-size: expected auto, none or a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_predict_skips_unreadable_files_by_name_and_scores_by_the_annotation_ids(tmp_path, capsys):

@@ -320,10 +320,74 @@ def test_micro_batches_give_the_batch_update(micro_batch_size):
     assert_same_update(micro, plain, before)
 
 
+def test_auto_micro_batch_size_where_it_costs_no_time():
+    """compile()'s default, micro_batch_size="auto": in float32 on the CPU
+    (the head's convs by Winograd) with norm_eval, the default executor and
+    no XLA, one image per pass when padded images have at least 512×512
+    pixels, from the static image size or in the step; otherwise the whole
+    batch, without the errors an explicit size would raise."""
+    from keras_solov2.models.solov2 import AUTO_MICRO_BATCH_PIXELS
+
+    assert AUTO_MICRO_BATCH_PIXELS == 512 * 512
+    model = tiny_model()
+    model.compile()
+    assert model.micro_batch_size == "auto" and model.instance_head.uses_winograd()
+    for (h, w), size in (((512, 512), 1), ((800, 1344), 1), ((448, 608), 1), ((480, 544), None), ((128, 160), None)):
+        assert model._micro_batch_size_for(tf.zeros((2, h, w, 3))) == size, (h, w)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3))])
+    def dynamic(images):
+        return model._micro_batch_size_for(images)
+
+    assert [int(dynamic(tf.zeros((3, h, w, 3)))) for h, w in ((800, 1344), (512, 512), (480, 544))] == [1, 1, 3]
+    one_pass = [(tiny_model(), dict(step_executor="sequential")), (tiny_model(), dict(jit_compile=True)),
+                (tiny_model(), dict(micro_batch_size=None)),
+                (tiny_model(frozen_stages=-1, norm_eval=False), {}),
+                (tiny_model(dtype="mixed_bfloat16"), {})]
+    for other, kwargs in one_pass:
+        other.compile(**kwargs)
+        assert other._micro_batch_size_for(tf.zeros((2, 512, 512, 3))) is None, kwargs
+    model.compile(micro_batch_size=2)
+    assert model._micro_batch_size_for(tf.zeros((4, 512, 512, 3))) == 2
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_auto_micro_batches_give_the_batch_update(monkeypatch, static):
+    """With the threshold at 128×160 pixels, "auto" runs a batch of 3 one
+    image at a time (a `tf.while_loop` in the step) and gives the one-pass
+    step's loss and update, for a static image size and for one known only
+    in the step (the size per pass then a tensor)."""
+    monkeypatch.setattr("keras_solov2.models.solov2.AUTO_MICRO_BATCH_PIXELS", 128 * 160)
+    images, y = synthetic_batch(n=3)
+    plain, auto = tiny_model(), tiny_model()
+    auto.set_weights(plain.get_weights())
+    for model, size in ((plain, None), (auto, "auto")):
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), weight_decay=1e-4,
+                      grad_clip_norm=0.5, micro_batch_size=size)
+    before = [np.asarray(v) for v in plain.trainable_variables]
+    ds = tf.data.Dataset.from_tensors((images, y))
+    if not static:
+        ds = tf.data.Dataset.from_generator(
+            lambda: iter([(images, y)]),
+            output_signature=(tf.TensorSpec((3, None, None, 3), tf.float32),
+                              {"gt_masks": tf.TensorSpec((3, 4, None, None), tf.uint8),
+                               "gt_labels": tf.TensorSpec((3, 4), tf.int32)})
+        ).apply(tf.data.experimental.assert_cardinality(1))
+    logs = [model.fit(ds, epochs=1, verbose=0).history for model in (plain, auto)]
+    for key in ("loss", "loss_cls", "loss_mask"):
+        np.testing.assert_allclose(logs[1][key], logs[0][key], rtol=1e-5, err_msg=key)
+    spec = ds.element_spec
+    graph = tf.function(auto.train_step).get_concrete_function(spec).graph
+    assert any(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
+    assert not any(op.type in ("While", "StatelessWhile")
+                   for op in tf.function(plain.train_step).get_concrete_function(spec).graph.get_operations())
+    assert_same_update(auto, plain, before)
+
+
 def test_micro_batch_size_needs_norm_eval_and_a_positive_int():
     with pytest.raises(ValueError, match="micro_batch_size needs norm_eval=True"):
         tiny_model(frozen_stages=-1, norm_eval=False).compile(micro_batch_size=1)
-    with pytest.raises(ValueError, match="micro_batch_size must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match="micro_batch_size must be 'auto', a positive int or None \\(the whole batch\\), got 0"):
         tiny_model().compile(micro_batch_size=0)
 
 

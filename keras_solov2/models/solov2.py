@@ -34,6 +34,11 @@ from keras_solov2.step_executor import check_step_executor, sequential
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISOR = 32
+# compile(micro_batch_size="auto"): padded pixels per image from which a
+# batch runs one image per forward and backward pass. In float32 on the CPU
+# that cost no step time at 512² (R50) and 800×1344 (light R18), and about
+# 10 % at 384² (one run), where it saves less.
+AUTO_MICRO_BATCH_PIXELS = 512 * 512
 # Keras's compile arguments for a loss computed from `y` and `y_pred`: SOLOv2
 # computes its own.
 _KERAS_LOSS_ARGUMENTS = ("loss", "loss_weights", "metrics", "weighted_metrics")
@@ -688,7 +693,7 @@ class SOLOv2(keras.Model):
         return [self.loss_tracker, self.loss_cls_tracker, self.loss_mask_tracker]
 
     def compile(self, optimizer=None, weight_decay=1e-4, grad_clip_norm=35.0, global_batch_size=None,
-                steps_per_epoch=None, schedule="1x", micro_batch_size=None, step_executor="parallel", **kwargs):
+                steps_per_epoch=None, schedule="1x", micro_batch_size="auto", step_executor="parallel", **kwargs):
         """Compiles with mmdet's SOLOv2 training defaults.
 
         Args:
@@ -716,11 +721,23 @@ class SOLOv2(keras.Model):
                 rounding; when an image has more than `max_pos_pairs`
                 positive pairs, the dice sum is estimated per micro-batch),
                 while only one micro-batch's activations exist at a time.
-                R50, batch 2, 512², 1: peak RSS 2.78 against 3.31 GB in
-                float32 for 13 % more step time, 2.42 against 2.50 GB in
-                bfloat16 for 1 % more (README, "Training with less
-                memory"). Needs `norm_eval=True`: BatchNorm with batch
-                statistics would see the micro-batches.
+                Needs `norm_eval=True`: BatchNorm with batch statistics
+                would see the micro-batches. `"auto"` (default): where
+                that costs no step time, i.e. float32 on the CPU (the
+                head's convs by Winograd, `SOLOv2InstanceHead.uses_winograd`)
+                with `norm_eval=True`, the default executor and no XLA, one
+                image per pass when padded images have at least 512×512
+                pixels (`AUTO_MICRO_BATCH_PIXELS`; from the static image
+                size, or in the step when that is dynamic); otherwise the
+                whole batch. Batch 2, float32, peak RSS after 12 steps
+                (2026-12-07, one image per pass against one pass): R50 at
+                512² 2678–2769 against 3048–3149 MB at the same step time
+                (2137–2301 against 2216–2336 ms, three runs each), light R18
+                at 800×1344 2755–2792 against 4223–4504 MB (3229–3513
+                against 3214–3412 ms, two runs each); R50 at 384² 0.17 GB
+                less for 11 % more time and bfloat16 at 512² 0.09 GB less
+                for 13–17 % more, so not there (README, "Training with less
+                memory").
             step_executor: how TensorFlow runs the train step's ops.
                 `"parallel"`: TensorFlow's default, independent ops at
                 once (in float32 on the CPU, module by module:
@@ -731,13 +748,17 @@ class SOLOv2(keras.Model):
                 `keras_solov2/step_executor.py`; for a step on the CPU
                 alone, without XLA, micro-batches or
                 `steps_per_execution` > 1).
-                Less memory, at a cost in time where ops are small: batch
-                2, float32, peak RSS after 12 steps, R50 at 512² 2.79–2.86
-                against 3.06–3.10 GB for 14–19 % more time, light R18 at
-                800×1344 3.88 against 4.24 GB at the same time; R50 at
-                512² under `mixed_bfloat16` 0.08–0.19 GB less for up to 22 %
-                more time, the demo's light R18 at 128² 42 % more time for
-                nothing (README, "Training with less memory").
+                Less memory than one pass with the default executor, at a
+                cost in time where ops are small: batch 2, float32, peak
+                RSS after 12 steps, R50 at 512² 2.79–2.86 against 3.06–3.10
+                GB for 14–19 % more time, light R18 at 800×1344 3.88
+                against 4.24 GB at the same time; R50 at 512² under
+                `mixed_bfloat16` 0.08–0.19 GB less for up to 22 % more
+                time, the demo's light R18 at 128² 42 % more time for
+                nothing. It runs the whole batch in one pass, so for
+                float32 images of 512² and more the default's micro-batches
+                (`"auto"`) use less: 2.68–2.77 and 2.76–2.79 GB (README,
+                "Training with less memory").
                 Evaluation and `predict` keep the default executor.
 
         A built model's optimizer is built here, for its trainable variables
@@ -778,10 +799,17 @@ class SOLOv2(keras.Model):
         if grad_clip_norm is not None and not float(grad_clip_norm) > 0:
             # 0 would scale every gradient to zero: nothing would train.
             raise ValueError(f"grad_clip_norm must be > 0 or None (no clipping), got {grad_clip_norm!r}.")
-        micro_batch_size = positive_int("micro_batch_size", micro_batch_size, allow_none=True)
+        if not (isinstance(micro_batch_size, str) and micro_batch_size == "auto"):
+            try:
+                micro_batch_size = positive_int("micro_batch_size", micro_batch_size, allow_none=True)
+            except ValueError:
+                raise ValueError(f"micro_batch_size must be 'auto', a positive int or None (the whole batch), "
+                                 f"got {micro_batch_size!r}.") from None
+        # "auto" never micro-batches under the sequential executor.
         step_executor = check_step_executor(step_executor, self.distribute_strategy, kwargs.get("jit_compile"),
-                                            micro_batch_size, kwargs.get("steps_per_execution", 1))
-        if micro_batch_size is not None:
+                                            None if micro_batch_size == "auto" else micro_batch_size,
+                                            kwargs.get("steps_per_execution", 1))
+        if micro_batch_size not in (None, "auto"):
             if not self.norm_eval:
                 raise ValueError(
                     "micro_batch_size needs norm_eval=True: with norm_eval=False BatchNorm normalises "
@@ -827,8 +855,10 @@ class SOLOv2(keras.Model):
         config = keras.saving.deserialize_keras_object(config)
         if config.get("step_executor") == "sequential":
             try:
+                micro_batch_size = config.get("micro_batch_size")
                 check_step_executor("sequential", self.distribute_strategy, config.get("jit_compile"),
-                                    config.get("micro_batch_size"), config.get("steps_per_execution", 1))
+                                    None if micro_batch_size == "auto" else micro_batch_size,
+                                    config.get("steps_per_execution", 1))
             except ValueError as error:
                 warnings.warn(f"{error} The loaded model trains with step_executor='parallel'.", stacklevel=2)
                 config["step_executor"] = "parallel"
@@ -861,8 +891,8 @@ class SOLOv2(keras.Model):
                 "optimizer built there has no slots for them: call `model.compile(...)` again after "
                 "changing `trainable`."
             )
-        size = getattr(self, "micro_batch_size", None)
-        if size is not None and (images.shape[0] is None or images.shape[0] > size):
+        size = self._micro_batch_size_for(images)
+        if size is not None and (images.shape[0] is None or not isinstance(size, int) or images.shape[0] > size):
             loss_dict, grads = self._micro_batch_gradients(images, y, variables, size)
         else:
             loss_dict, grads = self._gradients(images, y, variables)
@@ -909,6 +939,22 @@ class SOLOv2(keras.Model):
                 grads = [g * ops.cast(scale, g.dtype) for g in grads]
             self.optimizer.apply(grads, variables)
         return self._track(loss_dict)
+
+    def _micro_batch_size_for(self, images):
+        """compile's `micro_batch_size` for this batch: an int, `None` (one
+        pass), or for `"auto"` with a dynamic image size a scalar int32
+        tensor (1, or the batch size: the loop then runs once)."""
+        size = getattr(self, "micro_batch_size", None)
+        if size != "auto":
+            return size
+        if (not self.norm_eval or self.jit_compile or getattr(self, "step_executor", "parallel") != "parallel"
+                or not self.instance_head.uses_winograd()):
+            return None
+        height, width = images.shape[1], images.shape[2]
+        if height is not None and width is not None:
+            return 1 if height * width >= AUTO_MICRO_BATCH_PIXELS else None
+        shape = tf.shape(images)
+        return tf.where(shape[1] * shape[2] >= AUTO_MICRO_BATCH_PIXELS, 1, shape[0])
 
     def _gradients(self, images, y, variables, batch_num_pos=None):
         """This replica's loss dict and the (loss-scaled) gradients of its loss.
@@ -989,7 +1035,7 @@ class SOLOv2(keras.Model):
         def body(i, grads, totals):
             def part(t):
                 start = i * size
-                if isinstance(batch, int) and batch % size == 0:
+                if isinstance(batch, int) and isinstance(size, int) and batch % size == 0:
                     # A static micro-batch shape (XLA needs it).
                     return tf.slice(t, [start] + [0] * (t.shape.rank - 1), [size] + [-1] * (t.shape.rank - 1))
                 return t[start:start + size]
