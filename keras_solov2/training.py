@@ -186,8 +186,8 @@ def add_subcommands(sub):
     p.add_argument("--micro-batch-size", type=_micro_batch_size, default="auto",
                    help="images per forward/backward pass within a step: the same update as the whole "
                         "batch in less memory (needs norm_eval, as the presets have); none: the whole batch; "
-                        "auto (default): up to 512x512 padded pixels per pass in float32 on the CPU, "
-                        "else the whole batch")
+                        "auto (default): one image per pass in float32 on the CPU when padded images have at "
+                        "least 512x512 pixels, else the whole batch")
     p.add_argument("--step-executor", default="parallel", choices=["parallel", "sequential"],
                    help="how the train step's ops run: independent ones at once (TensorFlow's default) or one "
                         "at a time on the CPU (less memory than one pass; slower on small images; runs no "

@@ -36,8 +36,8 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISOR = 32
 # compile(micro_batch_size="auto"): padded pixels per image from which a
 # batch runs one image per forward and backward pass. In float32 on the CPU
-# that cost no step time at 512² (R50) and 800×1344 (light R18), and about
-# 10 % at 384² (one run), where it saves less.
+# that cost 0–7 % step time at 512² (R50) and 0–3 % at 800×1344 (light R18),
+# but 11 % at 384² (one run), where it saves less.
 AUTO_MICRO_BATCH_PIXELS = 512 * 512
 # Keras's compile arguments for a loss computed from `y` and `y_pred`: SOLOv2
 # computes its own.
@@ -723,8 +723,8 @@ class SOLOv2(keras.Model):
                 while only one micro-batch's activations exist at a time.
                 Needs `norm_eval=True`: BatchNorm with batch statistics
                 would see the micro-batches. `"auto"` (default): where
-                that costs no step time, i.e. float32 on the CPU (the
-                head's convs by Winograd, `SOLOv2InstanceHead.uses_winograd`)
+                that costs little or no step time, i.e. float32 on the CPU
+                (the head's convs by Winograd, `SOLOv2InstanceHead.uses_winograd`)
                 with `norm_eval=True`, the default executor and no XLA, one
                 image per pass when padded images have at least 512×512
                 pixels (`AUTO_MICRO_BATCH_PIXELS`; from the static image
@@ -732,7 +732,8 @@ class SOLOv2(keras.Model):
                 whole batch. Batch 2, float32, peak RSS after 12 steps
                 (2026-12-07, one image per pass against one pass): R50 at
                 512² 2678–2769 against 3048–3149 MB at the same step time
-                (2137–2301 against 2216–2336 ms, three runs each), light R18
+                (2137–2301 against 2216–2336 ms, three runs each; 4–7 %
+                more in a two-round benchmark with mmdet), light R18
                 at 800×1344 2755–2792 against 4223–4504 MB (3229–3513
                 against 3214–3412 ms, two runs each); R50 at 384² 0.17 GB
                 less for 11 % more time and bfloat16 at 512² 0.09 GB less
