@@ -135,12 +135,17 @@ def _pair(text):
 
 
 def _cmd_train(args):
+    import keras
+
     from keras_solov2.cli import _load_model
     from keras_solov2.data.coco_folder import describe, split_ids
 
     scale, crop_size = _scale(args.scale), _pair(args.crop_size)  # the options first: they fail fast
     info = describe(args.annotations, args.images)
     train_ids, val_ids = split_ids(info.image_ids, args.val_fraction, args.seed)
+    # Layers built here (an architecture, or a new class-logit conv) start
+    # from the same random weights for the same --seed.
+    keras.utils.set_random_seed(args.seed)
     model = _load_model(args.model, num_classes=info.num_classes, class_names=info.class_names)
     print(f"{len(train_ids)} training / {len(val_ids)} validation images, {info.num_classes} classes")
     train(model, info, train_ids, val_ids, args.output, args.epochs, args.batch_size,
@@ -195,7 +200,9 @@ def add_subcommands(sub):
     p.add_argument("--schedule", default="1x", choices=["1x", "3x"])
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="fraction of the images held out for the validation mask AP, in [0, 1) (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the train/validation split, the data order and augmentation, and the "
+                        "random initial weights of the layers the run builds")
     p.add_argument("--crop-size", default=None,
                    help="random crop H,W before the resize (pixels, or fractions with --crop-type relative*)")
     p.add_argument("--crop-type", default="absolute",

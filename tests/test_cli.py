@@ -1,5 +1,5 @@
 """`keras-solov2 predict` on image files: overlays and a COCO results JSON; bad
-input as one-line errors; the count options' checks; `--model` resolution."""
+input as one-line errors; the count options' checks; `--model` resolution; what `train --seed` fixes."""
 
 import json
 
@@ -198,3 +198,24 @@ def test_train_refuses_the_sequential_step_with_micro_batches_in_one_line(tmp_pa
     assert last.startswith("keras-solov2 train: error: step_executor='sequential' runs the step's ops one at a "
                            "time on the CPU alone, but TensorFlow runs the micro-batch loop"), last
     assert not out.exists()
+
+
+def test_train_seed_fixes_the_initial_weights_of_the_layers_it_builds(tmp_path, monkeypatch):
+    # Before: --seed seeded the split and the data stream only, so the same
+    # command started from other random weights at every run.
+    ann, images, _ = write_training_folder(tmp_path)
+    tiny_model(class_names=["a", "b", "c"]).save(tmp_path / "three.keras")
+    started = []
+    monkeypatch.setattr("keras_solov2.training.train", lambda model, *args, **kwargs: started.append(
+        np.asarray(model.instance_head.conv_cls.kernel)))
+
+    def initial_class_conv(seed):
+        # 3 classes, data of 1: the run builds a new class-logit conv.
+        main(["train", "--annotations", str(ann), "--images", str(images), "--model", str(tmp_path / "three.keras"),
+              "--output", str(tmp_path / "run"), "--val-fraction", "0", "--seed", str(seed)])
+        return started[-1]
+
+    first, again, other = initial_class_conv(5), initial_class_conv(5), initial_class_conv(6)
+    assert first.shape[-1] == 1 and np.std(first) > 0
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
