@@ -1,5 +1,6 @@
 """`keras-solov2 predict` on image files: overlays and a COCO results JSON; bad
-input as one-line errors; the count options' checks; `--model` resolution; what `train --seed` fixes."""
+input as one-line errors; the count options' checks; `--model` resolution;
+what `train --seed` fixes."""
 
 import json
 
