@@ -54,6 +54,9 @@ def test_head_weights_are_cast_once_per_step():
     assert {k: casts[k] for k in kernels} == {k: 1 for k in kernels}
 
 
+# Large, as the float32 XLA step's test (tests/test_large.py): XLA is off by
+# default, and compiling the step takes half a minute.
+@pytest.mark.large
 def test_bfloat16_xla_train_step_compiles_and_matches_the_default_step():
     """`mixed_bfloat16` with `compile(jit_compile=True)` (BatchNorm folded,
     norm_eval): XLA's gradient of a bfloat16 bilinear resize used to be an
