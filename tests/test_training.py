@@ -351,12 +351,7 @@ def test_auto_micro_batch_size_where_it_costs_no_time():
     assert model._micro_batch_size_for(tf.zeros((4, 512, 512, 3))) == 2
 
 
-# The static case is large (to keep the default run under 20 minutes):
-# "auto" then decides at trace time, a decision the test above checks, and
-# runs the path of test_micro_batches_give_the_batch_update[1] (a static
-# batch of 3, one image per pass). The dynamic case is the only test of a
-# per-pass size known in the step alone.
-@pytest.mark.parametrize("static", [pytest.param(True, marks=pytest.mark.large), False])
+@pytest.mark.parametrize("static", [True, False])
 def test_auto_micro_batches_give_the_batch_update(monkeypatch, static):
     """With the threshold at 128×160 pixels, "auto" runs a batch of 3 one
     image at a time (a `tf.while_loop` in the step) and gives the one-pass
