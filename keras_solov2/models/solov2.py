@@ -13,6 +13,7 @@ from keras_solov2.atomic_files import write_directory_atomically, write_file_ato
 from keras_solov2.backward_stages import BackwardStages
 from keras_solov2.checks import number_in_range, positive_int
 from keras_solov2.gather import take_rows
+from keras_solov2.heap_trim import after_heap_trim
 from keras_solov2.layers.dynamic_mask_conv import DynamicMaskConv
 from keras_solov2.layers.matrix_nms import MatrixNMS
 from keras_solov2.layers.resize import resize_bilinear
@@ -881,6 +882,10 @@ class SOLOv2(keras.Model):
         return not any(part in name for part in ("gamma", "beta", "bias", "moving_"))
 
     def train_step(self, data):
+        # The heap pages freed while the step's graph was prepared would stay
+        # resident under its tensors (≈ 0.2 GB for R50): `heap_trim`.
+        if not self.jit_compile:
+            data = after_heap_trim(data)
         images, y = self._unpack(data)
         images, y = _check_batch(images, y, self.jit_compile)
         variables = self.trainable_variables
@@ -1106,6 +1111,8 @@ class SOLOv2(keras.Model):
             self._jit_compile = jit_compile
 
     def test_step(self, data):
+        if not self.jit_compile:
+            data = after_heap_trim(data)
         images, y = self._unpack(data)
         images, y = _check_batch(images, y, self.jit_compile)
         return self._track(self._replica_loss(images, y, training=False))
