@@ -29,6 +29,9 @@ def test_malloc_trim_returns_freed_heap_pages():
     libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     chunk, n = 32 * 1024, 2048  # 64 MB in chunks below glibc's mmap threshold: on the heap
+    # Earlier tests leave freed heap pages resident, which these chunks would
+    # reuse without a page fault: start from a trimmed heap.
+    heap_trim.malloc_trim()
     start = _rss_anon()
     chunks = [libc.malloc(chunk) for _ in range(n)]
     for p in chunks:
