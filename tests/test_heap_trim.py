@@ -69,7 +69,7 @@ def test_fit_and_evaluate_trim_before_each_step(monkeypatch):
     assert len(calls) == 6
 
 
-def test_a_step_waits_for_the_trim():
+def test_a_step_waits_for_the_trim(monkeypatch):
     """Every op reading the returned tensors runs after `malloc_trim`."""
     order = []
 
@@ -88,11 +88,7 @@ def test_a_step_waits_for_the_trim():
         # Stateless: tf.function orders stateful ops by itself.
         return tf.numpy_function(read, [x], tf.float32, stateful=False)
 
-    saved = heap_trim._MALLOC_TRIM
-    heap_trim._MALLOC_TRIM = trim
-    try:
-        for _ in range(3):
-            np.testing.assert_array_equal(step(tf.ones(2)), [1, 1])
-    finally:
-        heap_trim._MALLOC_TRIM = saved
+    monkeypatch.setattr(heap_trim, "_MALLOC_TRIM", trim)
+    for _ in range(3):
+        np.testing.assert_array_equal(step(tf.ones(2)), [1, 1])
     assert order == ["trim", "read"] * 3
