@@ -356,9 +356,9 @@ def bench_matrix_nms(warmup, runs, ns=(100, 500), hw=(200, 336)):
     import tensorflow as tf
 
     from keras_solov2.layers import MatrixNMS
-    from keras_solov2.layers.matrix_nms import bfloat16_matmul_is_fast
+    from keras_solov2.layers.matrix_nms import bfloat16_matmul_is_fast, packed_pairs_available
 
-    out = {"bfloat16_iou_matmul": bfloat16_matmul_is_fast()}
+    out = {"bfloat16_iou_matmul": bfloat16_matmul_is_fast(), "bit_packed_pairs": packed_pairs_available()}
     for n in ns:
         rng = np.random.default_rng(n)
         H, W = hw

@@ -176,12 +176,40 @@ def test_intersections_are_exact_on_both_matmul_paths(monkeypatch, native_bf16):
     np.testing.assert_allclose(np.asarray(out["scores"])[:n], ref_out[0], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["blocked", "full"])
+def test_bit_packed_intersections_are_exact():
+    from keras_solov2.layers import matrix_nms
+
+    rng = np.random.default_rng(11)
+    # 3500 pixels: 54 full words and a padded one; dense masks, so that
+    # counts reach the whole mask (far above a word's 64 and a uint8's 255).
+    masks = rng.random((2, 9, 3500)) < rng.uniform(0.05, 0.95, (2, 9, 1))
+    masks[1, 4] = True
+    want = np.einsum("bnp,bmp->bnm", masks.astype(np.int64), masks.astype(np.int64))
+    for dtype in ("bool", "float32"):  # decode's masks are bool; 0/1 numbers work too
+        words = np.asarray(matrix_nms.pack_bits(masks.astype(dtype)))
+        assert words.shape == (2, 9, 55) and words.dtype == np.uint64
+        rows = np.array([(b * 9 + i, b * 9 + j) for b in range(2) for i in range(9) for j in range(9)], "int32")
+        got = np.asarray(matrix_nms.packed_intersections(words.reshape(18, 55), rows))
+        np.testing.assert_array_equal(got, want.reshape(-1))
+    assert want.max() == 3500
+    # No pair at all (every label different): an empty result, not an error.
+    empty = matrix_nms.packed_intersections(words.reshape(18, 55), np.zeros((0, 2), "int32"))
+    assert tuple(empty.shape) == (0,)
+    out = MatrixNMS(filter_thr=-1)(masks[0].reshape(9, 50, 70), np.arange(9), np.linspace(0.9, 0.1, 9).astype("float32"))
+    np.testing.assert_allclose(np.asarray(out["scores"])[:9], np.linspace(0.9, 0.1, 9), atol=1e-6)  # nothing decays
+
+
+@pytest.mark.parametrize("path", ["packed", "blocked", "full"])
 def test_label_blocks_cover_every_same_label_pair(monkeypatch, path):
     from keras_solov2.layers import matrix_nms
 
-    # Either product regardless of how many pairs share a label.
+    # Each path regardless of how many pairs share a label: bit-packed pairs
+    # (TensorFlow), label blocks (the `keras.ops` fallback), one full product.
+    monkeypatch.setattr(matrix_nms, "packed_pairs_available", lambda: path == "packed")
+    monkeypatch.setattr(matrix_nms, "_PACKED_MAX_FRACTION", 2.0)
     monkeypatch.setattr(matrix_nms, "_BLOCKED_MAX_FRACTION", 2.0 if path == "blocked" else -1.0)
+    # Several steps of the bit-packed path's loop over pairs.
+    monkeypatch.setattr(matrix_nms, "_PAIR_CHUNK", 1000)
     # 200 masks span several 32-row label blocks; item 0 has 80 mixed labels
     # (blocks multiply only their label runs), item 1 one label (the whole
     # upper triangle); scattered invalid entries sort after every label.
