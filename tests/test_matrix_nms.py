@@ -204,10 +204,11 @@ def test_label_blocks_cover_every_same_label_pair(monkeypatch, path):
     from keras_solov2.layers import matrix_nms
 
     # Each path regardless of how many pairs share a label: bit-packed pairs
-    # (TensorFlow), label blocks (the `keras.ops` fallback), one full product.
-    monkeypatch.setattr(matrix_nms, "packed_pairs_available", lambda: path == "packed")
-    monkeypatch.setattr(matrix_nms, "_PACKED_MAX_FRACTION", 2.0)
-    monkeypatch.setattr(matrix_nms, "_BLOCKED_MAX_FRACTION", 2.0 if path == "blocked" else -1.0)
+    # and one full product (TensorFlow's choice), label blocks (the
+    # `keras.ops` fallback).
+    monkeypatch.setattr(matrix_nms, "packed_pairs_available", lambda: path != "blocked")
+    monkeypatch.setattr(matrix_nms, "_PACKED_MAX_FRACTION", 2.0 if path == "packed" else -1.0)
+    monkeypatch.setattr(matrix_nms, "_BLOCKED_MAX_FRACTION", 2.0)
     # Several steps of the bit-packed path's loop over pairs.
     monkeypatch.setattr(matrix_nms, "_PAIR_CHUNK", 1000)
     # 200 masks span several 32-row label blocks; item 0 has 80 mixed labels

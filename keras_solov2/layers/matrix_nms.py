@@ -153,12 +153,13 @@ def same_label_intersections(flat, order, labels, valid, subset=True):
     the masks are bit-packed (`pack_bits`) and only those pairs are counted
     (`packed_intersections`): for 500 masks of 200×336 with 80 labels,
     9–11 ms against 42–48 ms for the label-blocked products below and
-    ≈ 130 ms for one full bfloat16 product (2-core Zen 4). Elsewhere the masks are put in label order (stable,
-    so score order within a label) and each block of `_ROW_BLOCK` rows is
-    multiplied only with the contiguous run of later columns whose labels
-    fall in the block's label range. When the pairs to count exceed a
-    fraction of all (`_PACKED_MAX_FRACTION`, `_BLOCKED_MAX_FRACTION`: few
-    labels), one full product is cheaper and is used instead.
+    ≈ 130 ms for one full bfloat16 product (2-core Zen 4). Elsewhere the
+    masks are put in label order (stable, so score order within a label)
+    and each block of `_ROW_BLOCK` rows is multiplied only with the
+    contiguous run of later columns whose labels fall in the block's label
+    range. When the pairs to count exceed a fraction of all
+    (`_PACKED_MAX_FRACTION`, `_BLOCKED_MAX_FRACTION`: few labels), one full
+    product is cheaper and is used instead.
 
     Args:
         flat: `(B, N, P)` 0/1 masks, flattened, in input order.
@@ -276,13 +277,14 @@ class MatrixNMS(keras.layers.Layer):
     Scores are sorted (descending) and the top `nms_pre` kept; the pairwise mask
     IoU of same-label pairs is computed from bit-packed masks, or by matmuls
     over label blocks (`same_label_intersections`; mmdet computes all N²
-    pairs, then discards the other labels); for every mask `j` the decay coefficient is
-    `min_i f(iou_ij) / f(compensate_i)` over the higher-scored masks `i` of the
-    same label, where `compensate_i` is the largest IoU mask `i` itself had with
-    a higher-scored same-label mask and `f(x) = exp(-sigma * x**2)` ("gaussian";
-    note `* sigma`, not `/ sigma`, as mmdet) or `1 - x` ("linear", as a ratio of
-    `1 - iou`). Decayed scores below `filter_thr` are dropped and the rest
-    re-sorted and cut to `max_per_img`.
+    pairs, then discards the other labels); for every mask `j` the decay
+    coefficient is `min_i f(iou_ij) / f(compensate_i)` over the higher-scored
+    masks `i` of the same label, where `compensate_i` is the largest IoU mask
+    `i` itself had with a higher-scored same-label mask and
+    `f(x) = exp(-sigma * x**2)` ("gaussian"; note `* sigma`, not `/ sigma`, as
+    mmdet) or `1 - x` ("linear", as a ratio of `1 - iou`). Decayed scores
+    below `filter_thr` are dropped and the rest re-sorted and cut to
+    `max_per_img`.
 
     The output is padded to `max_per_img` (index `-1`, score `0`, label
     `-1`); N may be static or dynamic (a `tf.function` with an unknown N
