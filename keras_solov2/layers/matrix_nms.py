@@ -208,11 +208,9 @@ def _packed_or_full(flat, order, labels, valid, full):
 
     def packed():
         pairs = tf.cast(tf.where(wanted), tf.int32)  # (Q, 3): b, i, j
-        first = pairs[:, 0] * tf.shape(flat)[1]
-        rows = tf.stack(
-            [first + tf.gather_nd(order, pairs[:, :2]), first + tf.gather_nd(order, tf.gather(pairs, [0, 2], axis=1))],
-            axis=1,
-        )
+        # Row of `flat`'s (B·N) rows of each score-ordered mask, and of each pair's two masks.
+        mask_rows = tf.reshape(order + tf.range(batch)[:, None] * tf.shape(flat)[1], (-1,))
+        rows = tf.gather(mask_rows, pairs[:, :1] * n + pairs[:, 1:])  # (Q, 2)
         words = pack_bits(flat)
         counts = packed_intersections(tf.reshape(words, (-1, tf.shape(words)[2])), rows)
         return tf.scatter_nd(pairs, tf.cast(counts, tf.float32), (batch, n, n))
